@@ -1,0 +1,268 @@
+"""The model's shape in one dataclass, and the field maps to Hugging Face and Megatron-LM.
+
+`ModelConfig` is what every tool of the project passes around. It is built from an HF
+`config.json` (`from_hf`) or from the `args` Namespace stored in a Megatron checkpoint
+(`from_megatron_args`), and written back to either (`to_hf`, `to_megatron_args`). Pruning changes
+the shape fields; everything else (token ids, RoPE scaling, ...) rides along unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A checkpoint or request this project cannot handle; the message names the field."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# HF fields that describe features this project does not implement; a value other than the one
+# given here is refused with an error that names the field.
+_UNSUPPORTED_HF = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "qk_norm": False,
+    "tie_word_embeddings_with_bias": None,
+}
+_SUPPORTED_ACT = ("silu", "swish")
+# HF fields derived from the shape: generated from ModelConfig, never copied from `hf_extra`.
+_HF_SHAPE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "tie_word_embeddings", "torch_dtype", "dtype",
+    "architectures", "model_type", "rope_parameters",
+)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int  # the tokenizer's, unpadded
+    max_position_embeddings: int = 4096
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # HF's llama3 rope_scaling dict, or None
+    tie_embeddings: bool = False
+    # HF fields that are not shape (token ids, initializer_range, ...), kept for export.
+    hf_extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "head_dim", "vocab_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_query_groups ({self.num_query_groups})")
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        h, d = self.hidden_size, self.head_dim
+        per_layer = (self.qkv_rows * h + self.num_attention_heads * d * h
+                     + 3 * self.ffn_hidden_size * h + 2 * h)
+        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + h + (emb if include_embedding else 0)
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        arch = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if arch not in (None, "llama") or any(a != "LlamaForCausalLM" for a in archs):
+            raise ConfigError(
+                f"unsupported architecture: model_type={arch!r} architectures={archs}; "
+                "only Llama-family checkpoints (model_type 'llama', LlamaForCausalLM) are supported")
+        for name, ok in _UNSUPPORTED_HF.items():
+            if name in hf and hf[name] not in (ok, None, False):
+                raise ConfigError(f"unsupported config field {name}={hf[name]!r}")
+        act = hf.get("hidden_act", "silu")
+        if act not in _SUPPORTED_ACT:
+            raise ConfigError(f"unsupported config field hidden_act={act!r} (SwiGLU/silu only)")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"unsupported config field pretraining_tp={hf['pretraining_tp']}")
+        rope = _hf_rope(hf)
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        return cls(
+            num_layers=hf["num_hidden_layers"],
+            hidden_size=hf["hidden_size"],
+            ffn_hidden_size=hf["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            rotary_base=rope["theta"],
+            rope_scaling=rope["scaling"],
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hf_extra={k: v for k, v in hf.items() if k not in _HF_SHAPE_FIELDS
+                      and not k.startswith("_") and k != "transformers_version"},
+        )
+
+    def to_hf(self, dtype: torch.dtype = torch.bfloat16) -> dict:
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+        out.update(self.hf_extra)
+        out.update({
+            "num_hidden_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            # Written explicitly: after pruning, hidden_size != heads * head_dim is common.
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_epsilon,
+            "rope_theta": self.rotary_base,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_embeddings,
+            "torch_dtype": HF_DTYPE_NAMES[dtype],
+        })
+        return out
+
+    # ------------------------------------------------------------------ Megatron
+    def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
+        """Megatron's rule: pad the vocab up to a multiple of divisible_by * TP."""
+        multiple = divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def to_megatron_args(self, *, tp: int, pp: int, dtype: torch.dtype,
+                         divisible_by: int = 128, transformer_impl: str = "transformer_engine",
+                         ckpt_format: str = "torch", first_stage_layers: Optional[int] = None,
+                         last_stage_layers: Optional[int] = None,
+                         base: Optional[argparse.Namespace] = None,
+                         **extra: Any) -> argparse.Namespace:
+        """The `args` Namespace Megatron-LM's `--use-checkpoint-args` and our trainer read.
+
+        `base` (the args of a checkpoint being rewritten) keeps its other fields (tokenizer,
+        training hyper-parameters, ...); the model and parallel fields are always set here.
+        """
+        a = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace(
+            tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None, seq_length=None,
+            consumed_train_samples=0, consumed_valid_samples=0, iteration=0,
+            attention_dropout=0.0, hidden_dropout=0.0, init_method_std=0.02)
+        scaling = self.rope_scaling or {}
+        model = dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+            group_query_attention=self.num_query_groups != self.num_attention_heads,
+            num_query_groups=self.num_query_groups, kv_channels=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            vocab_size=self.vocab_size,
+            padded_vocab_size=self.padded_vocab_size(tp, divisible_by),
+            make_vocab_size_divisible_by=divisible_by,
+            normalization="RMSNorm", norm_epsilon=self.norm_epsilon, apply_layernorm_1p=False,
+            swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=False,
+            position_embedding_type="rope", use_rotary_position_embeddings=True,
+            add_position_embedding=False, rotary_base=self.rotary_base, rotary_percent=1.0,
+            rotary_interleaved=False, rotary_seq_len_interpolation_factor=None,
+            use_rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
+            untie_embeddings_and_output_weights=not self.tie_embeddings,
+            qk_layernorm=False, apply_residual_connection_post_layernorm=False,
+            num_experts=None,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=None,
+            decoder_first_pipeline_num_layers=first_stage_layers,
+            decoder_last_pipeline_num_layers=last_stage_layers,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+            transformer_impl=transformer_impl, ckpt_format=ckpt_format,
+            # Round trips to HF keep the fields that are not shape (token ids, rope details).
+            hf_config_extra=json.dumps(self.hf_extra), hf_rope_scaling=json.dumps(self.rope_scaling),
+        )
+        vars(a).update(model)
+        if a.seq_length is None:
+            a.seq_length = min(self.max_position_embeddings, 4096)
+        vars(a).update(extra)
+        return a
+
+    @classmethod
+    def from_megatron_args(cls, a: argparse.Namespace) -> "ModelConfig":
+        def need(name):
+            if getattr(a, name, None) is None:
+                raise ConfigError(f"checkpoint args lack the field {name!r}")
+            return getattr(a, name)
+        if getattr(a, "normalization", "RMSNorm") != "RMSNorm":
+            raise ConfigError(f"unsupported checkpoint field normalization={a.normalization!r}")
+        if not getattr(a, "swiglu", True):
+            raise ConfigError("unsupported checkpoint field swiglu=False (Llama uses SwiGLU)")
+        if getattr(a, "add_bias_linear", False) or getattr(a, "add_qkv_bias", False):
+            raise ConfigError("unsupported checkpoint field add_bias_linear/add_qkv_bias=True")
+        if getattr(a, "position_embedding_type", "rope") != "rope":
+            raise ConfigError(
+                f"unsupported checkpoint field position_embedding_type={a.position_embedding_type!r}")
+        heads = need("num_attention_heads")
+        groups = a.num_query_groups if getattr(a, "group_query_attention", False) else heads
+        groups = groups or heads
+        rope_scaling = json.loads(getattr(a, "hf_rope_scaling", "null") or "null")
+        if rope_scaling is None and getattr(a, "use_rope_scaling", False):
+            rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+        vocab = getattr(a, "vocab_size", None) or need("padded_vocab_size")
+        return cls(
+            num_layers=need("num_layers"), hidden_size=need("hidden_size"),
+            ffn_hidden_size=need("ffn_hidden_size"), num_attention_heads=heads,
+            num_query_groups=groups,
+            head_dim=getattr(a, "kv_channels", None) or a.hidden_size // heads,
+            vocab_size=vocab,
+            max_position_embeddings=getattr(a, "max_position_embeddings", None) or 4096,
+            norm_epsilon=getattr(a, "norm_epsilon", 1e-5),
+            rotary_base=getattr(a, "rotary_base", 10000),
+            rope_scaling=rope_scaling,
+            tie_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False),
+            hf_extra=json.loads(getattr(a, "hf_config_extra", "{}") or "{}"),
+        )
+
+
+def _hf_rope(hf: dict) -> dict:
+    """RoPE theta and llama3 scaling from either transformers 4.x or 5.x config layouts."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or None
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise ConfigError(f"unsupported config field rope_scaling with type {kind!r} "
+                              "(only 'llama3' scaling is supported)")
+    return {"theta": float(theta), "scaling": scaling}
+
+
+def load_hf_config(path) -> dict:
+    with open(path) as f:
+        return json.load(f)

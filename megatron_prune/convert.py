@@ -1,0 +1,235 @@
+"""HF <-> Megatron conversion and offline resharding: short loops over the layout table.
+
+Every checkpoint is read through a *source* that serves HF-named tensors (or row/column ranges of
+them): an HF directory directly, a Megatron checkpoint by merging its TP shards. Every writer
+consumes a source. So hf-to-megatron, reshard and megatron-to-hf are the same two writers fed by
+different sources, and pruning plugs in as one more source.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import layout
+from .config import DTYPES, ConfigError, ModelConfig
+from .fsutil import atomic_output_dir, check_output
+from .hf_checkpoint import HFCheckpoint, copy_tokenizer, write_hf_checkpoint
+from .megatron_checkpoint import check_megatron_input, open_megatron, write_legacy
+from .tensor_io import CheckpointReadError
+
+log = logging.getLogger(__name__)
+
+
+class MegatronSource:
+    """HF-named tensors of a Megatron checkpoint, merged from its TP shards on demand."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        self.config: ModelConfig = ckpt.config
+        self.dtype = ckpt.dtype
+        self._where = {}
+        for spec, layer in layout.iter_hf_entries(self.config):
+            for j, n in enumerate(spec.hf_names(layer)):
+                self._where[n] = (spec, layer, j)
+        self._group_key, self._group = None, None
+
+    def keys(self):
+        return list(self._where)
+
+    def shape(self, name) -> tuple:
+        spec, _, j = self._where[name]
+        return layout.hf_shape(spec, j, self.config)
+
+    def group(self, spec, layer) -> dict:
+        """{hf_name: tensor} of one parameter; the last one is cached (readers ask per name)."""
+        if self._group_key != (spec.key, layer):
+            self._group = None  # free the previous group before merging the next
+            self._group = self.ckpt.read_hf_group(spec, layer)
+            self._group_key = (spec.key, layer)
+        return self._group
+
+    def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
+        spec, layer, _ = self._where[name]
+        t = self.group(spec, layer)[name]
+        if dim is None:
+            return t
+        end = t.shape[dim] if end is None else end
+        return t.narrow(dim, start, end - start)
+
+
+class HFSource:
+    """An HF checkpoint as a source (reads ranges straight from safetensors)."""
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        names = [n for spec, layer in layout.iter_hf_entries(self.config) for n in spec.hf_names(layer)]
+        ckpt.check_complete(names)
+        self.dtype = ckpt.dtype(names[0])
+        self._check_shapes(names)
+
+    def _check_shapes(self, names):
+        where = {n: (spec, layer, j) for spec, layer in layout.iter_hf_entries(self.config)
+                 for j, n in enumerate(spec.hf_names(layer))}
+        for n in names:
+            spec, _, j = where[n]
+            want = layout.hf_shape(spec, j, self.config)
+            if tuple(self.ckpt.shape(n)) != tuple(want):
+                raise CheckpointReadError(f"{n}: shape {self.ckpt.shape(n)} does not match config {want}")
+
+    def keys(self):
+        return self.ckpt.keys()
+
+    def shape(self, name):
+        return self.ckpt.shape(name)
+
+    def get(self, name, dim=None, start=0, end=None):
+        return self.ckpt.get(name, dim, start, end)
+
+    def group(self, spec, layer) -> dict:
+        return {n: self.ckpt.get(n) for n in spec.hf_names(layer)}
+
+
+def open_source(path):
+    """An HF directory (has config.json) or a Megatron checkpoint (has the tracker file)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return HFSource(HFCheckpoint(path))
+    check_megatron_input(path)
+    return MegatronSource(open_megatron(path))
+
+
+# ---------------------------------------------------------------------------- writers
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its bytes (torch.save of a view would store the whole base)."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def megatron_rank_state(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_rank: int,
+                        ranges, dtype: torch.dtype, divisible_by: int) -> dict:
+    """The model state dict of one legacy rank file, built from any source."""
+    state = {}
+    for e in layout.stage_entries(cfg, impl, pp_rank, ranges):
+        t = layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank, e.layer,
+                                 divisible_by)
+        state[e.name] = _owned(t.to(dtype))
+    for name in layout.extra_state_names(impl, pp_rank, ranges):
+        state[name] = None  # what mcore's own modules save; TE accepts None as "no FP8 state"
+    return state
+
+
+def write_megatron(source, cfg: ModelConfig, out: Path, *, tp: int, pp: int, impl: str,
+                   dtype: torch.dtype, divisible_by: int = 128, ckpt_format: str = "torch",
+                   first: Optional[int] = None, last: Optional[int] = None, iteration=1,
+                   args_base: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+    """Write `source` as a Megatron checkpoint into the (empty, temporary) directory `out`."""
+    counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
+    layout.check_parallel(cfg, tp, counts)
+    ranges = layout.stage_ranges(counts)
+    args = cfg.to_megatron_args(tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
+                                transformer_impl=impl, ckpt_format=ckpt_format,
+                                first_stage_layers=first, last_stage_layers=last, base=args_base)
+    if ckpt_format == "torch_dist":
+        from .dist_checkpoint import write_dist
+        write_dist(source, cfg, out, args=args, dtype=dtype, impl=impl, iteration=iteration)
+        return args
+    if ckpt_format != "torch":
+        raise ConfigError(f"unknown --ckpt-format {ckpt_format!r} (torch or torch_dist)")
+    with tqdm(total=tp * pp, desc="rank files", unit="file") as bar:
+        write_legacy(out, args, tp, pp, iteration,
+                     lambda t, p: megatron_rank_state(source, cfg, impl, tp, t, p, ranges, dtype,
+                                                      divisible_by), progress=bar)
+    return args
+
+
+def hf_plan(cfg: ModelConfig) -> list:
+    return [((spec.key, layer),
+             [(n, layout.hf_shape(spec, j, cfg)) for j, n in enumerate(spec.hf_names(layer))])
+            for spec, layer in layout.iter_hf_entries(cfg)]
+
+
+def write_hf(source, cfg: ModelConfig, out: Path, dtype: torch.dtype,
+             max_shard_bytes: int = 5 * 2**30) -> None:
+    plan = hf_plan(cfg)
+    with tqdm(total=len(plan), desc="tensors", unit="param") as bar:
+        write_hf_checkpoint(
+            out, cfg, plan, lambda g: dict(source.group(layout.SPECS_BY_KEY[g[0]], g[1])),
+            dtype, max_shard_bytes, progress=bar)
+
+
+# ---------------------------------------------------------------------------- commands
+def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_to_megatron(hf_dir, save, *, tp=1, pp=1, impl=layout.TE, dtype=None, divisible_by=128,
+                   ckpt_format="torch", first=None, last=None, force=False) -> argparse.Namespace:
+    check_output(save, force)
+    source = HFSource(HFCheckpoint(hf_dir))
+    cfg = source.config
+    layout.check_parallel(cfg, tp, layout.stage_layer_counts(cfg.num_layers, pp, first, last))
+    with atomic_output_dir(save, force) as tmp:
+        args = write_megatron(source, cfg, tmp, tp=tp, pp=pp, impl=impl,
+                              dtype=_dtype(dtype, source.dtype), divisible_by=divisible_by,
+                              ckpt_format=ckpt_format, first=first, last=last)
+        copy_tokenizer_if_any(Path(hf_dir), tmp)
+    return args
+
+
+def copy_tokenizer_if_any(hf_dir: Path, out: Path) -> None:
+    """Keep the tokenizer with the checkpoint (Megatron ignores extra files; export reuses it)."""
+    tok = out / "tokenizer"
+    tok.mkdir()
+    if not copy_tokenizer(hf_dir, tok):
+        tok.rmdir()
+
+
+def megatron_to_hf(load, save, *, tokenizer=None, dtype=None, force=False,
+                   max_shard_bytes=5 * 2**30) -> ModelConfig:
+    check_output(save, force)
+    source = open_source(load)
+    if isinstance(source, HFSource):
+        raise ConfigError(f"--load {load} is a Hugging Face directory, not a Megatron checkpoint")
+    cfg = source.config
+    if tokenizer is None and (Path(load) / "tokenizer").is_dir():
+        tokenizer = Path(load) / "tokenizer"
+    with atomic_output_dir(save, force) as tmp:
+        write_hf(source, cfg, tmp, _dtype(dtype, source.dtype), max_shard_bytes)
+        copy_tokenizer(tokenizer, tmp)
+    return cfg
+
+
+def reshard(load, save, *, tp=1, pp=1, impl=None, dtype=None, divisible_by=None,
+            ckpt_format=None, first=None, last=None, force=False) -> argparse.Namespace:
+    check_output(save, force)
+    source = open_source(load)
+    if isinstance(source, HFSource):
+        raise ConfigError(f"--load {load} is a Hugging Face directory; use hf-to-megatron")
+    ckpt = source.ckpt
+    cfg = source.config
+    layout.check_parallel(cfg, tp, layout.stage_layer_counts(cfg.num_layers, pp, first, last))
+    with atomic_output_dir(save, force) as tmp:
+        args = write_megatron(
+            source, cfg, tmp, tp=tp, pp=pp, impl=impl or ckpt.impl,
+            dtype=_dtype(dtype, source.dtype), divisible_by=divisible_by or ckpt.divisible_by,
+            ckpt_format=ckpt_format or ckpt.format, first=first, last=last,
+            iteration=ckpt.iteration, args_base=ckpt.args)
+        if (Path(load) / "tokenizer").is_dir():
+            copy_tokenizer(Path(load) / "tokenizer", _mkdir(tmp / "tokenizer"))
+    return args
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,191 @@
+"""Megatron-LM checkpoints on disk: the legacy per-rank layout, and detection of torch_dist.
+
+Legacy layout (what `pretrain_gpt.py --ckpt-format torch` reads and writes):
+
+    DIR/latest_checkpointed_iteration.txt          -> "1" (or "release")
+    DIR/iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt            (PP = 1)
+    DIR/iter_0000001/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   (PP > 1)
+
+each a torch.save dict {args, checkpoint_version: 3.0, iteration, model: state dict}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import layout
+from .config import ConfigError, ModelConfig
+from .tensor_io import CheckpointReadError, TorchFileReader, torch_load
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+def iter_dir_name(iteration) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(root: Path):
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise CheckpointReadError(
+            f"{root}: no {TRACKER}; not a Megatron checkpoint directory (or an incomplete one)")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointReadError(f"{tracker}: unreadable iteration {text!r}") from None
+
+
+def checkpoint_format(root) -> str:
+    """'torch' (legacy per-rank files) or 'torch_dist' (megatron-core distributed checkpoint)."""
+    root = Path(root)
+    it_dir = root / iter_dir_name(read_tracker(root))
+    meta = it_dir / "metadata.json"
+    if meta.is_file():
+        backend = json.loads(meta.read_text()).get("sharded_backend")
+        if backend != "torch_dist":
+            raise CheckpointReadError(f"{it_dir}: unsupported distributed checkpoint backend {backend!r}")
+        return "torch_dist"
+    if not it_dir.is_dir():
+        raise CheckpointReadError(f"{root}: tracker names {it_dir.name}, which does not exist")
+    return "torch"
+
+
+_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+class LegacyCheckpoint:
+    """A legacy Megatron checkpoint, read rank file by rank file."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.iteration = read_tracker(self.root)
+        self.dir = self.root / iter_dir_name(self.iteration)
+        ranks = {}
+        for d in self.dir.iterdir() if self.dir.is_dir() else []:
+            m = _RANK_RE.match(d.name)
+            if m:
+                ranks[(int(m.group(1)), int(m.group(2) or 0))] = d / "model_optim_rng.pt"
+        if not ranks:
+            raise CheckpointReadError(f"{self.dir}: no mp_rank_* directories")
+        self.tp = max(t for t, _ in ranks) + 1
+        self.pp = max(p for _, p in ranks) + 1
+        for t in range(self.tp):
+            for p in range(self.pp):
+                if (t, p) not in ranks or not ranks[(t, p)].is_file():
+                    raise CheckpointReadError(
+                        f"{self.dir}: missing rank file {rank_dir_name(t, p, self.pp)}/model_optim_rng.pt")
+        self.files = ranks
+        first = torch_load(ranks[(0, 0)])
+        if "model" not in first or "args" not in first:
+            raise CheckpointReadError(f"{ranks[(0, 0)]}: no 'model'/'args' entries")
+        self.args: argparse.Namespace = first["args"]
+        self.config = ModelConfig.from_megatron_args(self.args)
+        self.impl = layout.detect_impl(first["model"].keys())
+        self.dtype = next(v.dtype for v in first["model"].values() if torch.is_tensor(v))
+        if getattr(self.args, "tensor_model_parallel_size", self.tp) != self.tp or \
+                getattr(self.args, "pipeline_model_parallel_size", self.pp) != self.pp:
+            raise CheckpointReadError(
+                f"{self.root}: args say TP={self.args.tensor_model_parallel_size} "
+                f"PP={self.args.pipeline_model_parallel_size}, files say TP={self.tp} PP={self.pp}")
+        self.divisible_by = getattr(self.args, "make_vocab_size_divisible_by", 128)
+        del first
+        counts = [layout.count_layers(self.open(0, p).keys()) for p in range(self.pp)]
+        if sum(counts) != self.config.num_layers:
+            raise CheckpointReadError(
+                f"{self.root}: rank files hold {sum(counts)} layers, args say {self.config.num_layers}")
+        self.stage_counts = counts
+        self.ranges = layout.stage_ranges(counts)
+
+    format = "torch"
+
+    def open(self, tp_rank: int, pp_rank: int) -> TorchFileReader:
+        return TorchFileReader(self.files[(tp_rank, pp_rank)], key="model")
+
+    def _stage_readers(self, pp_rank: int) -> list:
+        # One stage's rank files stay open (memory-mapped, pages released after each read).
+        if getattr(self, "_open_stage", None) != pp_rank:
+            self._readers = None
+            self._readers = [self.open(t, pp_rank) for t in range(self.tp)]
+            self._open_stage = pp_rank
+        return self._readers
+
+    def read_hf_group(self, spec, layer) -> dict:
+        """{hf_name: full tensor} of one parameter, merged from the TP rank files."""
+        if spec is layout.EMBEDDING:
+            stage, name = 0, spec.name(self.impl)
+        elif not spec.per_layer:
+            stage, name = self.pp - 1, spec.name(self.impl)
+        else:
+            stage = self.stage_of_layer(layer)
+            name = spec.name(self.impl, layer - self.ranges[stage][0])
+        readers = self._stage_readers(stage)
+        if name not in readers[0].state:
+            raise CheckpointReadError(f"{self.files[(0, stage)]}: missing tensor {name}")
+        return layout.merge_to_hf(spec, [r.get(name) for r in readers], self.config, layer)
+
+    def stage_of_layer(self, layer: int) -> int:
+        for p, (s, e) in enumerate(self.ranges):
+            if s <= layer < e:
+                return p
+        raise IndexError(layer)
+
+
+def write_rank_file(path: Path, args: argparse.Namespace, state: dict, iteration,
+                    extra: Optional[dict] = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+           "iteration": 0 if iteration == "release" else int(iteration), "model": state}
+    if extra:
+        obj.update(extra)
+    torch.save(obj, path)
+
+
+def write_legacy(out: Path, args: argparse.Namespace, tp: int, pp: int, iteration,
+                 make_state: Callable[[int, int], dict], progress=None) -> None:
+    """Write every rank file (one in memory at a time), then the tracker file last."""
+    it_dir = out / iter_dir_name(iteration)
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            state = make_state(tp_rank, pp_rank)
+            write_rank_file(it_dir / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt",
+                            args, state, iteration)
+            del state
+            if progress is not None:
+                progress.update(1)
+    (out / TRACKER).write_text(str(iteration))
+
+
+def open_megatron(root):
+    """Open a Megatron checkpoint of either format for reading."""
+    fmt = checkpoint_format(root)
+    if fmt == "torch":
+        return LegacyCheckpoint(root)
+    from .dist_checkpoint import DistCheckpoint  # megatron-core import is slow; only when needed
+    return DistCheckpoint(root)
+
+
+def check_megatron_input(root) -> None:
+    if not Path(root).is_dir():
+        raise CheckpointReadError(f"--load {root}: no such directory")
+    if not (Path(root) / TRACKER).is_file():
+        raise CheckpointReadError(f"{root}: no {TRACKER}; not a Megatron checkpoint (or incomplete)")
+
+
+def parse_layer_count(value) -> Optional[int]:
+    return None if value in (None, "", "None") else int(value)
+
+
+__all__ = ["LegacyCheckpoint", "write_legacy", "open_megatron", "checkpoint_format", "ConfigError"]

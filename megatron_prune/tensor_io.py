@@ -1,0 +1,209 @@
+"""Reading and writing tensors one at a time, so no tool ever holds a whole model.
+
+* `SafetensorsReader` reads single tensors, or a row/column range of one, through a short-lived
+  memory map: only the pages of that tensor are touched, and they are unmapped right after.
+* `SafetensorsWriter` writes a safetensors file tensor by tensor (the header is planned from
+  shapes first), so an export never holds more than one tensor.
+* `TorchFileReader` opens a `torch.save` file with `mmap=True, weights_only=True` and releases
+  each tensor's pages after it was copied out (`madvise(DONTNEED)`), so reading a 3 GB rank file
+  keeps resident only what is in use.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint file is missing, truncated or not what it claims to be."""
+
+
+# ---------------------------------------------------------------------------- safetensors
+class SafetensorsReader:
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise CheckpointReadError(f"{self.path}: header length {n} exceeds file size")
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointReadError(f"{self.path}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.base + end > size:
+            raise CheckpointReadError(
+                f"{self.path}: truncated ({size} bytes, tensors need {self.base + end})")
+
+    def keys(self):
+        return list(self.entries)
+
+    def shape(self, name) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name) -> torch.dtype:
+        return ST_DTYPES[self.entries[name]["dtype"]]
+
+    def get(self, name, dim: Optional[int] = None, start: int = 0, end: Optional[int] = None):
+        """The tensor, or rows (dim 0) / columns (dim 1) [start, end) of it, as a fresh copy."""
+        e = self.entries[name]
+        dtype, shape = ST_DTYPES[e["dtype"]], list(e["shape"])
+        lo, hi = e["data_offsets"]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if dim == 0 and len(shape) >= 1:
+            row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            end = shape[0] if end is None else end
+            lo, hi = lo + start * row, lo + end * row
+            shape[0] = end - start
+            dim = None  # already sliced
+        if hi == lo:
+            return torch.empty(shape, dtype=dtype)
+        # A fresh, page-aligned map per read: unmapped when we return, so nothing stays resident.
+        off = self.base + lo
+        aligned = off - off % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f, \
+                mmap.mmap(f.fileno(), hi - lo + off - aligned, offset=aligned,
+                          access=mmap.ACCESS_READ) as m:
+            raw = np.frombuffer(m, dtype=np.uint8, count=hi - lo, offset=off - aligned)
+            t = torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+            del raw
+        if dim == 1:
+            end = shape[1] if end is None else end
+            t = t[:, start:end].contiguous()
+        return t
+
+
+class SafetensorsWriter:
+    """Write tensors in a planned order; the header is written first from (name, shape, dtype)."""
+
+    def __init__(self, path, plan: Iterable[tuple], metadata: Optional[dict] = None):
+        header, offset = {}, 0
+        self.order = []
+        for name, shape, dtype in plan:
+            n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            self.order.append(name)
+            offset += n
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+        self.header = header
+        self.total = offset
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(blob)) + blob)
+        self.next = 0
+
+    def write(self, name, tensor: torch.Tensor):
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            raise RuntimeError(f"safetensors writer: expected {self.order[self.next:self.next+1]}, got {name}")
+        e = self.header[name]
+        if list(tensor.shape) != e["shape"] or ST_NAMES[tensor.dtype] != e["dtype"]:
+            raise RuntimeError(f"{name}: planned {e['shape']} {e['dtype']}, got "
+                               f"{list(tensor.shape)} {tensor.dtype}")
+        t = tensor.detach().contiguous().cpu()
+        self.f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self.next += 1
+
+    def close(self):
+        if self.next != len(self.order):
+            raise RuntimeError(f"safetensors writer closed after {self.next}/{len(self.order)} tensors")
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self.f.close()
+
+
+# ---------------------------------------------------------------------------- torch.save files
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages behind a tensor that lives in a private file mapping."""
+    if _libc is None or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = start - start % _PAGE
+    hi = end + (-end % _PAGE)
+    # Pages at the edges may hold a neighbour's bytes: that is fine, a private read-only mapping
+    # simply faults them back in from the file when touched again.
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _safe_globals():
+    return [argparse.Namespace]
+
+
+def torch_load(path, mmap_: bool = True):
+    """torch.load with weights_only=True (argparse.Namespace allowed) and clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"missing checkpoint file: {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointReadError(f"{path}: cannot be read, truncated or corrupt? ({e})") from e
+
+
+class TorchFileReader:
+    """Tensors of a `torch.save` dict (`state` or `state[key]`), copied out one at a time."""
+
+    def __init__(self, path, key: Optional[str] = None):
+        self.path = Path(path)
+        self.obj = torch_load(path)
+        self.state = self.obj[key] if key else self.obj
+        if not isinstance(self.state, dict):
+            raise CheckpointReadError(f"{path}: no state dict under {key!r}")
+
+    def keys(self):
+        return list(self.state)
+
+    def shape(self, name) -> tuple:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name, dim: Optional[int] = None, start: int = 0, end: Optional[int] = None):
+        t = self.state[name]
+        if dim is not None:
+            end = t.shape[dim] if end is None else end
+            part = t.narrow(dim, start, end - start)
+        else:
+            part = t
+        out = part.clone(memory_format=torch.contiguous_format)
+        release_pages(t)
+        return out
+
+    def raw(self, name):
+        """The stored value as is (e.g. `_extra_state` objects)."""
+        return self.state[name]
