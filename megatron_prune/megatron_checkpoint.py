@@ -80,26 +80,30 @@ class LegacyCheckpoint:
                 ranks[(int(m.group(1)), int(m.group(2) or 0))] = d / "model_optim_rng.pt"
         if not ranks:
             raise CheckpointReadError(f"{self.dir}: no mp_rank_* directories")
-        self.tp = max(t for t, _ in ranks) + 1
-        self.pp = max(p for _, p in ranks) + 1
+        first_file = ranks.get((0, 0))
+        if first_file is None or not first_file.is_file():
+            raise CheckpointReadError(f"{self.dir}: missing rank file of TP rank 0, PP rank 0")
+        first = torch_load(first_file)
+        if "model" not in first or "args" not in first:
+            raise CheckpointReadError(f"{first_file}: no 'model'/'args' entries")
+        self.args: argparse.Namespace = first["args"]
+        # The sizes come from the args, so a missing last rank is reported, not mistaken for
+        # a smaller TP.
+        self.tp = getattr(self.args, "tensor_model_parallel_size", None) or max(t for t, _ in ranks) + 1
+        self.pp = getattr(self.args, "pipeline_model_parallel_size", None) or max(p for _, p in ranks) + 1
         for t in range(self.tp):
             for p in range(self.pp):
                 if (t, p) not in ranks or not ranks[(t, p)].is_file():
                     raise CheckpointReadError(
                         f"{self.dir}: missing rank file {rank_dir_name(t, p, self.pp)}/model_optim_rng.pt")
+        extra = sorted(k for k in ranks if k[0] >= self.tp or k[1] >= self.pp)
+        if extra:
+            raise CheckpointReadError(
+                f"{self.dir}: rank directories {extra} beyond TP={self.tp} PP={self.pp} of the args")
         self.files = ranks
-        first = torch_load(ranks[(0, 0)])
-        if "model" not in first or "args" not in first:
-            raise CheckpointReadError(f"{ranks[(0, 0)]}: no 'model'/'args' entries")
-        self.args: argparse.Namespace = first["args"]
         self.config = ModelConfig.from_megatron_args(self.args)
         self.impl = layout.detect_impl(first["model"].keys())
         self.dtype = next(v.dtype for v in first["model"].values() if torch.is_tensor(v))
-        if getattr(self.args, "tensor_model_parallel_size", self.tp) != self.tp or \
-                getattr(self.args, "pipeline_model_parallel_size", self.pp) != self.pp:
-            raise CheckpointReadError(
-                f"{self.root}: args say TP={self.args.tensor_model_parallel_size} "
-                f"PP={self.args.pipeline_model_parallel_size}, files say TP={self.tp} PP={self.pp}")
         self.divisible_by = getattr(self.args, "make_vocab_size_divisible_by", 128)
         del first
         counts = [layout.count_layers(self.open(0, p).keys()) for p in range(self.pp)]
