@@ -19,7 +19,7 @@ COMMANDS = (
     ("hf-to-megatron", "megatron_prune.commands.convert"),
     ("megatron-to-hf", "megatron_prune.commands.convert"),
     ("reshard", "megatron_prune.commands.convert"),
-    # ("import-llama2c", "megatron_prune.commands.import_llama2c"),
+    ("import-llama2c", "megatron_prune.commands.import_llama2c"),
     # ("verify", "megatron_prune.commands.verify"),
 )
 

@@ -37,6 +37,7 @@ class MegatronSource:
             for j, n in enumerate(spec.hf_names(layer)):
                 self._where[n] = (spec, layer, j)
         self._group_key, self._group = None, None
+        self._pieces_key, self._pieces = None, None
 
     def keys(self):
         return list(self._where)
@@ -54,12 +55,21 @@ class MegatronSource:
         return self._group
 
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
-        spec, layer, _ = self._where[name]
-        t = self.group(spec, layer)[name]
-        if dim is None:
-            return t
-        end = t.shape[dim] if end is None else end
-        return t.narrow(dim, start, end - start)
+        spec, layer, j = self._where[name]
+        if dim is None or dim != spec.split_dim or not hasattr(self.ckpt, "read_pieces"):
+            t = self.group(spec, layer)[name]
+            end = t.shape[dim or 0] if end is None else end
+            return t if dim is None else t.narrow(dim, start, end - start)
+        # Read only the input ranks that hold [start, end) along the split dim.
+        size = self.shape(name)[dim]
+        cover = layout.ranks_covering(spec, size, self.ckpt.tp, self.config,
+                                      self.ckpt.divisible_by, start, end)
+        key = (spec.key, layer, tuple(r for r, _, _ in cover))
+        if self._pieces_key != key:
+            self._pieces = None
+            self._pieces = self.ckpt.read_pieces(spec, layer, key[2])
+            self._pieces_key = key
+        return torch.cat([self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover], dim)
 
 
 class HFSource:

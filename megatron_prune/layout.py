@@ -124,6 +124,19 @@ def chunk_range(spec: ParamSpec, size: int, tp: int, rank: int, cfg: ModelConfig
     return rank * step, (rank + 1) * step
 
 
+def ranks_covering(spec: ParamSpec, size: int, tp: int, cfg: ModelConfig, divisible_by: int,
+                   start: int, end: int) -> list:
+    """[(rank, lo, hi)]: which TP ranks hold rows/cols [start, end) of an HF tensor of `size`
+    along the split dim, and the part of each rank's piece that falls in the range."""
+    out = []
+    for r in range(tp):
+        s, e = chunk_range(spec, size, tp, r, cfg, divisible_by)
+        lo, hi = max(s, start), min(e, end)
+        if lo < hi:
+            out.append((r, lo - s, hi - s))
+    return out
+
+
 Getter = Callable[[str, Optional[int], int, int], torch.Tensor]
 """get(hf_name, dim, start, end): rows/cols [start, end) along dim of an HF tensor (dim None: all)."""
 

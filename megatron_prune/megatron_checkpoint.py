@@ -126,8 +126,7 @@ class LegacyCheckpoint:
             self._open_stage = pp_rank
         return self._readers
 
-    def read_hf_group(self, spec, layer) -> dict:
-        """{hf_name: full tensor} of one parameter, merged from the TP rank files."""
+    def _locate(self, spec, layer):
         if spec is layout.EMBEDDING:
             stage, name = 0, spec.name(self.impl)
         elif not spec.per_layer:
@@ -138,6 +137,17 @@ class LegacyCheckpoint:
         readers = self._stage_readers(stage)
         if name not in readers[0].state:
             raise CheckpointReadError(f"{self.files[(0, stage)]}: missing tensor {name}")
+        return readers, name
+
+    def read_pieces(self, spec, layer, ranks) -> dict:
+        """{rank: unfused HF-form pieces of that rank's shard} for the given TP ranks only."""
+        readers, name = self._locate(spec, layer)
+        return {r: layout.unfuse(spec, readers[r].get(name), self.config,
+                                 1 if spec.split_dim is None else self.tp) for r in ranks}
+
+    def read_hf_group(self, spec, layer) -> dict:
+        """{hf_name: full tensor} of one parameter, merged from the TP rank files."""
+        readers, name = self._locate(spec, layer)
         return layout.merge_to_hf(spec, [r.get(name) for r in readers], self.config, layer)
 
     def stage_of_layer(self, layer: int) -> int:

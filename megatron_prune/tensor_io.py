@@ -83,12 +83,15 @@ class SafetensorsReader:
                 mmap.mmap(f.fileno(), hi - lo + off - aligned, offset=aligned,
                           access=mmap.ACCESS_READ) as m:
             raw = np.frombuffer(m, dtype=np.uint8, count=hi - lo, offset=off - aligned)
-            t = torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+            if dim == 1:  # copy only the wanted columns' bytes of each row
+                end = shape[1] if end is None else end
+                width = (hi - lo) // (shape[0] * shape[1])
+                raw_part = raw.reshape(shape[0], -1)[:, start * width:end * width].copy()
+                shape[1] = end - start
+            else:
+                raw_part = raw.copy()
             del raw
-        if dim == 1:
-            end = shape[1] if end is None else end
-            t = t[:, start:end].contiguous()
-        return t
+        return torch.from_numpy(raw_part).view(dtype).reshape(shape)
 
 
 class SafetensorsWriter:
