@@ -161,7 +161,8 @@ def read_header(path) -> Llama2cHeader:
         dim, hidden, layers, heads, kv, vocab, seq = struct.unpack_from("<7i", head, 8)
         shared = bool(head[36])
         if vocab <= 0:
-            raise ConfigError(f"llama2.c checkpoint {path}: vocab_size={vocab} in a version-1 header")
+            raise ConfigError(
+                f"llama2.c checkpoint {path}: vocab_size={vocab} in a version-1 header")
         version = 1
     else:
         dim, hidden, layers, heads, kv, vocab, seq = struct.unpack_from("<7i", head, 0)
@@ -271,7 +272,8 @@ class Llama2cCheckpoint:
         if err > 1e-3:
             raise ConfigError(
                 f"llama2.c checkpoint {self.path}: its stored RoPE table is not the one for "
-                f"theta={theta:g} (max difference {err:.3g}); this importer assumes theta={theta:g}")
+                f"theta={theta:g} (max difference {err:.3g}); this importer assumes "
+                f"theta={theta:g}")
 
 
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:

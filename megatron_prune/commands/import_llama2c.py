@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from .. import llama2c
 
@@ -10,15 +11,16 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "import-llama2c", help="llama2.c checkpoint (.bin) + tokenizer.bin -> Hugging Face Llama",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Import a model exported by Karpathy's llama2.c (legacy format, or version 1 "
-                    "with the 'ak42' magic; fp32) into a Hugging Face Llama directory: "
-                    "config.json + model.safetensors, plus tokenizer.model (SentencePiece BPE "
-                    "rebuilt from the llama2.c tokenizer.bin), tokenizer_config.json and "
-                    "special_tokens_map.json, so that transformers' AutoModelForCausalLM and "
-                    "AutoTokenizer load it. q/k rows are permuted from llama2.c's interleaved "
-                    "RoPE pairs to HF's rotate-half layout; RoPE theta 10000, RMSNorm eps 1e-5, "
-                    "bos 1, eos 2, max_position_embeddings = the checkpoint's seq_len. The "
-                    "checkpoint's size must match its header exactly.",
+        description=textwrap.fill(
+            "Import a model exported by Karpathy's llama2.c (legacy format, or version 1 "
+            "with the 'ak42' magic; fp32) into a Hugging Face Llama directory: "
+            "config.json + model.safetensors, plus tokenizer.model (SentencePiece BPE "
+            "rebuilt from the llama2.c tokenizer.bin), tokenizer_config.json and "
+            "special_tokens_map.json, so that transformers' AutoModelForCausalLM and "
+            "AutoTokenizer load it. q/k rows are permuted from llama2.c's interleaved "
+            "RoPE pairs to HF's rotate-half layout; RoPE theta 10000, RMSNorm eps 1e-5, "
+            "bos 1, eos 2, max_position_embeddings = the checkpoint's seq_len. The "
+            "checkpoint's size must match its header exactly.", 79),
         epilog="example:\n  megatron-prune import-llama2c --checkpoint stories260K.bin "
                "--tokenizer tok512.bin --save stories260K-hf\n\n"
                "then: AutoModelForCausalLM.from_pretrained('stories260K-hf'), "
