@@ -164,7 +164,13 @@ def write_rank_file(path: Path, args: argparse.Namespace, state: dict, iteration
            "iteration": 0 if iteration == "release" else int(iteration), "model": state}
     if extra:
         obj.update(extra)
-    torch.save(obj, path)
+    crc = torch.serialization.get_crc32_options()
+    # CRC32 over every byte costs more than the write itself; torch.load does not check it.
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(obj, path)
+    finally:
+        torch.serialization.set_crc32_options(crc)
 
 
 def write_legacy(out: Path, args: argparse.Namespace, tp: int, pp: int, iteration,

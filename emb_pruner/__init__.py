@@ -1,0 +1,1 @@
+"""Vocabulary pruning — see issue: vocabulary pruning."""
