@@ -19,6 +19,8 @@ COMMANDS = (
     ("hf-to-megatron", "megatron_prune.commands.convert"),
     ("megatron-to-hf", "megatron_prune.commands.convert"),
     ("reshard", "megatron_prune.commands.convert"),
+    ("prune", "megatron_prune.commands.prune"),
+    ("prune-hf", "megatron_prune.commands.prune"),
     ("import-llama2c", "megatron_prune.commands.import_llama2c"),
     # ("verify", "megatron_prune.commands.verify"),
 )
