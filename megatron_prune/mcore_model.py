@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import types
@@ -64,6 +65,15 @@ class _TorchOnCpu(types.ModuleType):
 def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     """megatron.core.transformer.utils.get_default_causal_mask, on the CPU instead of `cuda`."""
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_buffer_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    """megatron.core.utils.GlobalMemoryBuffer.get_tensor, allocating on the CPU."""
+    required = math.prod(tensor_shape)
+    buf = self.buffer.get((name, dtype))
+    if buf is None or buf.numel() < required:
+        buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
+    return buf[:required].view(*tensor_shape)
 
 
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False):
@@ -130,11 +140,13 @@ def cpu_patches() -> bool:
     2. `get_default_causal_mask` (the causal mask local attention builds when none is passed) is
        created on `cuda`: replaced in `transformer.utils` and in `fusions.fused_softmax`, which
        imported it by name.
-    3. The CUDA RNG tracker (`tensor_parallel.random`): `_get_cuda_rng_state`/`_set_cuda_rng_state`
+    3. `GlobalMemoryBuffer.get_tensor` (`megatron.core.utils`; local attention's score buffer)
+       allocates on `torch.cuda.current_device()`: replaced by the same buffer on the CPU.
+    4. The CUDA RNG tracker (`tensor_parallel.random`): `_get_cuda_rng_state`/`_set_cuda_rng_state`
        use the CPU generator, and `initialize_rng_tracker` installs a tracker subclass whose
        `add`/`fork` seed and fork the CPU generator (mcore's calls `torch.cuda.get_rng_state`).
        Used by `model_parallel_cuda_manual_seed`, attention dropout and activation recompute.
-    4. `LanguageModule.setup_embeddings_and_output_layer` moves the shared embedding copy of a
+    5. `LanguageModule.setup_embeddings_and_output_layer` moves the shared embedding copy of a
        tied model with PP > 1 to `.cuda()` before its all-reduce: that step is done on the CPU.
     """
     global _PATCHED
@@ -146,6 +158,7 @@ def cpu_patches() -> bool:
         import megatron.core.tensor_parallel.layers as tp_layers
         import megatron.core.tensor_parallel.random as mrandom
         import megatron.core.transformer.utils as tutils
+        import megatron.core.utils as mutils
         from megatron.core.models.common.language_module import language_module
 
     for module in (rope, tp_layers):
@@ -153,6 +166,7 @@ def cpu_patches() -> bool:
 
     tutils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+    mutils.GlobalMemoryBuffer.get_tensor = _cpu_buffer_get_tensor
 
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
@@ -189,11 +203,20 @@ def cpu_patches() -> bool:
     return True
 
 
+# Warnings megatron-core 0.16.1 gives on every CPU / no-Apex run: expected here, not news.
+_EXPECTED_WARNINGS = (
+    ".*Transformer Engine and Apex are not installed.*",
+    "Apex is not installed. Falling back to Torch Norm",
+    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    "full scope is deprecated.*",
+)
+
+
 @contextlib.contextmanager
 def _quiet_megatron_import():
-    """megatron-core warns at import that TE and Apex are missing: expected here, not news."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        for message in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         yield
 
 
@@ -375,18 +398,19 @@ def build_gpt_model(cfg: ModelConfig, *, impl: str = layout.LOCAL,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     impl = resolve_impl(impl)
-    tconfig = transformer_config(cfg, dtype, tp, pp, first=first, last=last, impl=impl,
-                                 **(config_overrides or {}))
     scaling = cfg.rope_scaling or {}
-    model = GPTModel(
-        config=tconfig, transformer_layer_spec=_layer_spec(impl),
-        vocab_size=cfg.padded_vocab_size(tp, divisible_by),
-        max_sequence_length=cfg.max_position_embeddings,
-        pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
-        share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg.rotary_base,
-        rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
-    )
+    with _quiet_megatron_import():
+        tconfig = transformer_config(cfg, dtype, tp, pp, first=first, last=last, impl=impl,
+                                     **(config_overrides or {}))
+        model = GPTModel(
+            config=tconfig, transformer_layer_spec=_layer_spec(impl),
+            vocab_size=cfg.padded_vocab_size(tp, divisible_by),
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg.rotary_base,
+            rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
+        )
     if scaling and any(float(scaling.get(k, v)) != v for k, v in _DEFAULT_LLAMA3.items()):
         # mcore passes only the factor to its llama3 scaling; apply the model's other parameters.
         rope = model.rotary_pos_emb
@@ -416,21 +440,26 @@ def _stage_ranges(model, cfg: ModelConfig, pp: int) -> list:
 
 
 def legacy_rank_state(ckpt, cfg: ModelConfig, impl: str, tp: int, pp: int, tp_rank: int,
-                      pp_rank: int, ranges, divisible_by: int) -> dict:
+                      pp_rank: int, ranges, divisible_by: int, reshard: bool = True) -> dict:
     """The state dict of rank (tp_rank, pp_rank) of a TP x PP model, named for `impl`.
 
-    Read straight from the rank file when the checkpoint has this TP/PP and stage split (names
-    translated TE <-> local through `layout`). Any other layout is refused for now; resharding on
-    load goes here, through `convert.MegatronSource(ckpt)` + `convert.megatron_rank_state`.
+    Read straight from the rank file when the checkpoint has this TP/PP, stage split and vocab
+    padding (names translated TE <-> local through `layout`). Otherwise, with `reshard`, the
+    shard is cut from the checkpoint's merged tensors through `convert.MegatronSource` (the
+    same path as `megatron-prune reshard`, reading only the TP input ranks it needs).
     """
     from .tensor_io import torch_load
-    if (ckpt.tp, ckpt.pp) != (tp, pp) or list(ckpt.ranges) != list(ranges) \
-            or ckpt.divisible_by != divisible_by:
-        raise ConfigError(
-            f"{ckpt.root}: checkpoint is TP={ckpt.tp} PP={ckpt.pp} (stages {ckpt.stage_counts}, "
-            f"vocab multiple {ckpt.divisible_by}), the model TP={tp} PP={pp} (stages "
-            f"{[e - s for s, e in ranges]}, vocab multiple {divisible_by}); loading needs the same "
-            "layout: run `megatron-prune reshard` first")
+    same_layout = ((ckpt.tp, ckpt.pp) == (tp, pp) and list(ckpt.ranges) == list(ranges)
+                   and ckpt.divisible_by == divisible_by)
+    if not same_layout:
+        if not reshard:
+            raise ConfigError(
+                f"{ckpt.root}: checkpoint is TP={ckpt.tp} PP={ckpt.pp} (stages "
+                f"{ckpt.stage_counts}, vocab multiple {ckpt.divisible_by}), the model TP={tp} "
+                f"PP={pp} (stages {[e - s for s, e in ranges]}, vocab multiple {divisible_by})")
+        from .convert import MegatronSource, megatron_rank_state
+        return megatron_rank_state(MegatronSource(ckpt), cfg, impl, tp, tp_rank, pp_rank,
+                                   ranges, ckpt.dtype, divisible_by)
     path = ckpt.files[(tp_rank, pp_rank)]
     state = torch_load(path)["model"]
     if ckpt.impl == impl:
@@ -449,13 +478,15 @@ def legacy_rank_state(ckpt, cfg: ModelConfig, impl: str, tp: int, pp: int, tp_ra
 
 
 def load_legacy_into_model(model, ckpt_dir, *, tp_rank: Optional[int] = None,
-                           pp_rank: Optional[int] = None, strict: bool = True):
+                           pp_rank: Optional[int] = None, strict: bool = True,
+                           reshard: bool = True):
     """Load this rank's piece of a legacy Megatron checkpoint into `model` (strict by default).
 
     Tensor names of either layer spec are accepted (TE-named files into a local-spec model and
     back, via `layout`); `_extra_state` entries the model has are taken from the file when it has
-    the same spec, else kept from the model (mcore's own layers save None there). Returns the
-    opened `LegacyCheckpoint`.
+    the same spec, else kept from the model (mcore's own layers save None there). A checkpoint
+    of another TP/PP/stage split is resharded on the fly (`reshard=False` refuses it instead).
+    Returns the opened `LegacyCheckpoint`.
     """
     from megatron.core import parallel_state
 
@@ -471,7 +502,7 @@ def load_legacy_into_model(model, ckpt_dir, *, tp_rank: Optional[int] = None,
     impl = model_impl(model)
     ranges = _stage_ranges(model, cfg, pp)
     state = legacy_rank_state(ckpt, cfg, impl, tp, pp, tp_rank, pp_rank, ranges,
-                              info.get("divisible_by", ckpt.divisible_by))
+                              info.get("divisible_by", ckpt.divisible_by), reshard=reshard)
 
     own = model.state_dict(keep_vars=True)
     for name, value in own.items():
@@ -519,7 +550,8 @@ def pipeline_forward(model, input_ids: torch.Tensor, position_ids: Optional[torc
         hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.params_dtype, device=input_ids.device)
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
-    out = model(input_ids, position_ids, attention_mask)
+    with _quiet_megatron_import():
+        out = model(input_ids, position_ids, attention_mask)
     if not last:
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None

@@ -6,19 +6,15 @@ same random token batch, and measures the logits' difference over the real, unpa
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from . import layout, mcore_model
+from . import mcore_model
 from .config import ConfigError, ModelConfig
 from .hf_checkpoint import HFCheckpoint
 from .megatron_checkpoint import LegacyCheckpoint, check_megatron_input, checkpoint_format
-
-log = logging.getLogger(__name__)
 
 # Shape fields that must agree between the HF directory and the Megatron checkpoint.
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -38,6 +34,7 @@ class VerifyResult:
     impl: str             # the layer spec the model was built with
     ckpt_impl: str        # the parameter names the checkpoint was saved with
     device: str
+    reporter: bool = False  # this rank computed the numbers (the one that prints them)
 
     def passed(self, tolerance: Optional[float]) -> bool:
         return tolerance is None or self.max_abs <= tolerance
@@ -92,10 +89,9 @@ def verify(hf_dir, load, *, tokens: int = 128, batch: int = 2, seed: int = 0,
                           f"{cfg.max_position_embeddings}")
 
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    env = mcore_model.init_distributed(ckpt.tp, ckpt.pp)
     try:
+        env = mcore_model.init_distributed(ckpt.tp, ckpt.pp)
         device = env["device"]
         first, last = mcore_model.stage_split(ckpt.stage_counts)
         model = mcore_model.build_gpt_model(cfg, impl=ckpt.impl, dtype=torch.float32,
@@ -124,11 +120,8 @@ def verify(hf_dir, load, *, tokens: int = 128, batch: int = 2, seed: int = 0,
         result = VerifyResult(
             max_abs=stats[0].item(), max_rel=stats[1].item(), top1_agreement=stats[2].item(),
             batch=batch, tokens=tokens, tp=ckpt.tp, pp=ckpt.pp,
-            impl=mcore_model.resolve_impl(ckpt.impl), ckpt_impl=ckpt.impl, device=str(device))
-        result.is_reporter = reporter
+            impl=mcore_model.resolve_impl(ckpt.impl), ckpt_impl=ckpt.impl, device=str(device),
+            reporter=reporter)
         return result
     finally:
         mcore_model.destroy_distributed()
-
-
-__all__ = ["verify", "VerifyResult", "asdict", "layout", "Path"]
