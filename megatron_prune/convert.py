@@ -168,6 +168,12 @@ def hf_plan(cfg: ModelConfig) -> list:
 def write_hf(source, cfg: ModelConfig, out: Path, dtype: torch.dtype,
              max_shard_bytes: int = 5 * 2**30) -> None:
     plan = hf_plan(cfg)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        log.warning(
+            "hidden_size %d is not a multiple of num_attention_heads %d: transformers >= 5 "
+            "refuses such Llama configs in from_pretrained (head_dim=%d is written explicitly, "
+            "and transformers 4.x loads it); megatron_prune.hf_model.load_hf_model loads it "
+            "with any version", cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
     with tqdm(total=len(plan), desc="tensors", unit="param") as bar:
         write_hf_checkpoint(
             out, cfg, plan, lambda g: dict(source.group(layout.SPECS_BY_KEY[g[0]], g[1])),
@@ -220,7 +226,7 @@ def megatron_to_hf(load, save, *, tokenizer=None, dtype=None, force=False,
     return cfg
 
 
-def reshard(load, save, *, tp=1, pp=1, impl=None, dtype=None, divisible_by=None,
+def reshard(load, save, *, tp=None, pp=None, impl=None, dtype=None, divisible_by=None,
             ckpt_format=None, first=None, last=None, force=False) -> argparse.Namespace:
     check_output(save, force)
     source = open_source(load)
@@ -228,6 +234,7 @@ def reshard(load, save, *, tp=1, pp=1, impl=None, dtype=None, divisible_by=None,
         raise ConfigError(f"--load {load} is a Hugging Face directory; use hf-to-megatron")
     ckpt = source.ckpt
     cfg = source.config
+    tp, pp = tp or ckpt.tp, pp or ckpt.pp  # change only what is asked for
     layout.check_parallel(cfg, tp, layout.stage_layer_counts(cfg.num_layers, pp, first, last))
     with atomic_output_dir(save, force) as tmp:
         args = write_megatron(

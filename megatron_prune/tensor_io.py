@@ -15,6 +15,7 @@ import ctypes
 import json
 import mmap
 import os
+import pickle
 import struct
 from pathlib import Path
 from typing import Iterable, Optional
@@ -161,19 +162,30 @@ def release_pages(t: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
-def _safe_globals():
-    return [argparse.Namespace]
+def safe_arg_types() -> list:
+    """Types a Megatron checkpoint's `args` may hold, allowed in weights_only loads."""
+    types = [argparse.Namespace]
+    try:  # Megatron-LM stores a few megatron-core enums in args
+        from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+        types += [AttnBackend, AttnMaskType]
+    except ImportError:
+        pass
+    return types
 
 
 def torch_load(path, mmap_: bool = True):
-    """torch.load with weights_only=True (argparse.Namespace allowed) and clear errors."""
+    """torch.load with weights_only=True (Megatron args types allowed) and clear errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"missing checkpoint file: {path}")
+    # safe_globals() removes its types again on exit, even ones allowed before (e.g. by
+    # megatron-core's own loader): add only what is missing.
+    have = set(map(id, torch.serialization.get_safe_globals()))
+    extra = [t for t in safe_arg_types() if id(t) not in have]
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointReadError(f"{path}: cannot be read, truncated or corrupt? ({e})") from e
 
 

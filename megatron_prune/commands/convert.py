@@ -8,10 +8,13 @@ from .. import convert, layout
 
 def _parallel_args(p: argparse.ArgumentParser, defaults_from_source: bool = False) -> None:
     g = p.add_argument_group("parallelism (Megatron-LM flag names)")
-    g.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, dest="tp",
-                   help="TP size of the output (default 1)")
-    g.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, dest="pp",
-                   help="PP size of the output (default 1)")
+    keep = " (default: the input's)" if defaults_from_source else " (default 1)"
+    g.add_argument("--tensor-model-parallel-size", "--tp", type=int,
+                   default=None if defaults_from_source else 1, dest="tp",
+                   help="TP size of the output" + keep)
+    g.add_argument("--pipeline-model-parallel-size", "--pp", type=int,
+                   default=None if defaults_from_source else 1, dest="pp",
+                   help="PP size of the output" + keep)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, dest="first",
                    help="layers on the first pipeline stage (uneven split)")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, dest="last",
