@@ -19,10 +19,14 @@ COMMANDS = (
     ("hf-to-megatron", "megatron_prune.commands.convert"),
     ("megatron-to-hf", "megatron_prune.commands.convert"),
     ("reshard", "megatron_prune.commands.convert"),
+    ("importance", "megatron_prune.commands.importance"),
     ("prune", "megatron_prune.commands.prune"),
     ("prune-hf", "megatron_prune.commands.prune"),
     ("import-llama2c", "megatron_prune.commands.import_llama2c"),
-    # ("verify", "megatron_prune.commands.verify"),
+    ("verify", "megatron_prune.commands.verify"),
+    ("vocab-freq", "megatron_prune.commands.vocab"),
+    ("prune-vocab", "megatron_prune.commands.vocab"),
+    ("prune-embeddings", "megatron_prune.commands.vocab"),
 )
 
 USER_ERRORS = (ConfigError, CheckpointReadError, OutputExistsError, FileNotFoundError)

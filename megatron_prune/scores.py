@@ -93,19 +93,29 @@ def random_scores(cfg: ModelConfig, seed: int) -> ImportanceScores:
 
 
 def magnitude_scores(source, cfg: ModelConfig) -> ImportanceScores:
-    """Weight-norm importance (no data): the squared L2 norm of the weights each structure owns.
+    """Weight-norm importance (no data): the squared L2 norm of the weights each structure owns."""
+    return weight_structure_scores(cfg, lambda name: source.get(name).double() ** 2, "magnitude",
+                                   with_layers=False)
 
-    head: its q rows and o_proj columns; group: its k/v rows plus its heads; FFN neuron: its
-    gate/up rows and down column; hidden channel: its column in every matrix that reads the
-    residual stream, its row in every matrix that writes it, and its norm weights."""
+
+def weight_structure_scores(cfg: ModelConfig, element_scores, method: str,
+                            with_layers: bool = True) -> ImportanceScores:
+    """Sum per-element scores (w^2 for magnitude, |w * dL/dw| for taylor) over the weights each
+    structure owns: a head its q rows and o_proj columns; a group its k/v rows plus its heads;
+    an FFN neuron its gate/up rows and down column; a hidden channel its column in every matrix
+    that reads the residual stream, its row in every matrix that writes it, and its norm
+    weights; a layer all its weights."""
     L, d, hpg = cfg.num_layers, cfg.head_dim, cfg.heads_per_group
     hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
     heads = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
     kv = torch.zeros(L, cfg.num_query_groups, dtype=torch.float64)
     ffn = torch.zeros(L, cfg.ffn_hidden_size, dtype=torch.float64)
+    layers = torch.zeros(L, dtype=torch.float64)
     for spec, layer in layout.iter_hf_entries(cfg):
         for j, name in enumerate(spec.hf_names(layer)):
-            w = source.get(name).double() ** 2
+            w = element_scores(name).double()
+            if layer is not None:
+                layers[layer] += w.sum()
             if spec.key in ("embedding", "output"):
                 hidden += w.sum(0)
             elif spec.key in ("input_norm", "mlp_norm", "final_norm"):
@@ -127,5 +137,5 @@ def magnitude_scores(source, cfg: ModelConfig) -> ImportanceScores:
                 hidden += w.sum(1)
                 ffn[layer] += w.sum(0)
     groups = kv + heads.reshape(L, cfg.num_query_groups, hpg).sum(-1)
-    return ImportanceScores("magnitude", shape_of(cfg), hidden=hidden, heads=heads,
-                            groups=groups, ffn=ffn, layers=None)
+    return ImportanceScores(method, shape_of(cfg), hidden=hidden, heads=heads, groups=groups,
+                            ffn=ffn, layers=layers if with_layers else None)

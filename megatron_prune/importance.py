@@ -1,0 +1,143 @@
+"""Importance from calibration data: activation (Minitron-style) and taylor (gradient) scores.
+
+activation — forward passes only, hooks on the model:
+  * hidden channel: |output| of every RMSNorm (both norms of every layer), summed over layers;
+  * head: L2 norm of its slice of the attention output (the input of o_proj);
+  * KV group: the sum of its heads;
+  * FFN neuron: |input of down_proj| (= silu(gate) * up);
+  * each per-token statistic is averaged over the sequence, then aggregated as the L2 norm over
+    the calibration samples;
+  * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
+    distance between every pair of layer boundaries (for dropping a contiguous block).
+taylor — first-order Taylor importance |w * dL/dw| summed over each structure's weights, with the
+  LM loss on the calibration data (the gradient-sensitivity criterion of the BlockSheared design).
+
+The model is a Hugging Face LlamaForCausalLM built from any source (HF directory, or a Megatron
+checkpoint merged from its shards), on CUDA when available.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from . import layout
+from .config import ConfigError, ModelConfig
+from .hf_model import hf_model_from_source
+from .scores import ImportanceScores, shape_of, weight_structure_scores
+
+log = logging.getLogger(__name__)
+METHODS = ("activation", "taylor")
+
+
+class _Stats:
+    """Per-sample sequence means, aggregated as the L2 norm over samples."""
+
+    def __init__(self):
+        self.sq = {}
+
+    def add(self, key, per_token: torch.Tensor):
+        # per_token: [batch, seq, n] non-negative statistics
+        m = per_token.double().mean(1)  # mean over the sequence -> [batch, n]
+        s = (m ** 2).sum(0)             # accumulate squares over samples
+        self.sq[key] = self.sq[key] + s if key in self.sq else s
+
+    def l2(self, key):
+        return self.sq[key].sqrt().cpu()
+
+
+def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
+                      progress: bool = True) -> ImportanceScores:
+    stats = _Stats()
+    L, d = cfg.num_layers, cfg.head_dim
+    bi = torch.zeros(L, dtype=torch.float64)
+    ang = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    ntok = 0
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.input_layernorm.register_forward_hook(
+            lambda m, inp, out, i=i: stats.add(("hidden",), out.abs())))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, inp, out, i=i: stats.add(("hidden",), out.abs())))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, inp, i=i: stats.add(("heads", i), inp[0].unflatten(-1, (-1, d)).norm(dim=-1))))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, inp, i=i: stats.add(("ffn", i), inp[0].abs())))
+    boundary = []  # residual stream at every layer boundary, filled by the hooks below
+
+    def first_input(m, args, kwargs):
+        boundary.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    def layer_output(m, args, out):
+        boundary.append((out[0] if isinstance(out, tuple) else out).detach())
+    hooks.append(model.model.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
+    hooks += [layer.register_forward_hook(layer_output) for layer in model.model.layers]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(batches), micro_batch), desc="activation importance",
+                              disable=not progress, unit="batch"):
+                ids = batches[start:start + micro_batch].to(device)
+                boundary.clear()
+                model.model(input_ids=ids)
+                flat = [h.double().reshape(-1, h.shape[-1]) for h in boundary]
+                norms = [f.norm(dim=-1).clamp_min(1e-12) for f in flat]
+                for a in range(L + 1):
+                    for b in range(a + 1, L + 1):
+                        cos = ((flat[a] * flat[b]).sum(-1) / (norms[a] * norms[b])).clamp(-1, 1)
+                        ang[a, b] += (torch.arccos(cos) / math.pi).sum().cpu()
+                        if b == a + 1:
+                            bi[a] += (1 - cos).sum().cpu()
+                ntok += flat[0].shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    ang = (ang + ang.T) / ntok
+    heads = torch.stack([stats.l2(("heads", i)) for i in range(L)])
+    return ImportanceScores(
+        "activation", shape_of(cfg), hidden=stats.l2(("hidden",)), heads=heads,
+        groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
+        ffn=torch.stack([stats.l2(("ffn", i)) for i in range(L)]), layers=bi / ntok,
+        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1]})
+
+
+def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
+                  progress: bool = True) -> ImportanceScores:
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    n = 0
+    for start in tqdm(range(0, len(batches), micro_batch), desc="taylor importance",
+                      disable=not progress, unit="batch"):
+        ids = batches[start:start + micro_batch].to(device)
+        loss = model(input_ids=ids, labels=ids).loss * len(ids)
+        loss.backward()
+        n += len(ids)
+    params = dict(model.named_parameters())
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+
+    def elem(name):
+        p = params[name]
+        return (p.detach().double() * p.grad.double() / n).abs().cpu()
+    scores = weight_structure_scores(cfg, elem, "taylor")
+    model.zero_grad(set_to_none=True)
+    scores.meta.update(samples=len(batches), seq_length=batches.shape[1])
+    return scores
+
+
+def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: int = 4,
+                       device=None) -> ImportanceScores:
+    if method not in METHODS:
+        raise ConfigError(f"--importance {method}: data-driven methods are {METHODS}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = source.config.vocab_size
+    if int(batches.max()) >= vocab:
+        raise ConfigError(f"calibration token id {int(batches.max())} >= model vocab {vocab}: "
+                          "tokenizer and model do not match")
+    model = hf_model_from_source(source, device=device)
+    fn = activation_scores if method == "activation" else taylor_scores
+    return fn(model, batches, source.config, micro_batch)
