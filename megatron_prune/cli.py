@@ -24,6 +24,7 @@ COMMANDS = (
     ("prune-hf", "megatron_prune.commands.prune"),
     ("import-llama2c", "megatron_prune.commands.import_llama2c"),
     ("verify", "megatron_prune.commands.verify"),
+    ("generate", "megatron_prune.commands.generate"),
     ("vocab-freq", "megatron_prune.commands.vocab"),
     ("prune-vocab", "megatron_prune.commands.vocab"),
     ("prune-embeddings", "megatron_prune.commands.vocab"),

@@ -109,6 +109,8 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
     plan = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed, plan_file)
     cfg = plan.target_config
     pp = pp or ckpt.pp
+    if first is None and last is None and pp == ckpt.pp and cfg.num_layers == ckpt.config.num_layers:
+        first, last = _uneven_split(ckpt.stage_counts)  # keep the input's stage split
     counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
     layout.check_parallel(cfg, ckpt.tp, counts)
     with atomic_output_dir(save, force) as tmp:
@@ -121,6 +123,16 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
             (tmp / "tokenizer").mkdir()
             copy_tokenizer(Path(load) / "tokenizer", tmp / "tokenizer")
     return plan
+
+
+def _uneven_split(counts) -> tuple:
+    """(first, last) flags that reproduce a stage split, or (None, None) when it is even."""
+    if len(set(counts)) <= 1:
+        return None, None
+    middle = counts[1:-1]
+    if len(set(middle)) <= 1 and (not middle or middle[0] == counts[0]):
+        return None, counts[-1]
+    return counts[0], counts[-1]
 
 
 def prune_hf(hf_dir, save, target: Optional[PruneTarget] = None, *, importance="random",

@@ -162,15 +162,11 @@ def release_pages(t: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
-def safe_arg_types() -> list:
-    """Types a Megatron checkpoint's `args` may hold, allowed in weights_only loads."""
-    types = [argparse.Namespace]
-    try:  # Megatron-LM stores a few megatron-core enums in args
-        from megatron.core.transformer.enums import AttnBackend, AttnMaskType
-        types += [AttnBackend, AttnMaskType]
-    except ImportError:
-        pass
-    return types
+def _megatron_arg_types() -> list:
+    """megatron-core enums that Megatron-LM stores in `args` (imported only when needed:
+    importing megatron.core is slow and noisy)."""
+    from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+    return [AttnBackend, AttnMaskType]
 
 
 def torch_load(path, mmap_: bool = True):
@@ -178,15 +174,21 @@ def torch_load(path, mmap_: bool = True):
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"missing checkpoint file: {path}")
-    # safe_globals() removes its types again on exit, even ones allowed before (e.g. by
-    # megatron-core's own loader): add only what is missing.
-    have = set(map(id, torch.serialization.get_safe_globals()))
-    extra = [t for t in safe_arg_types() if id(t) not in have]
-    try:
-        with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointReadError(f"{path}: cannot be read, truncated or corrupt? ({e})") from e
+    types = [argparse.Namespace]
+    for attempt in range(2):
+        # safe_globals() removes its types again on exit, even ones allowed before (e.g. by
+        # megatron-core's own loader): add only what is missing.
+        have = set(map(id, torch.serialization.get_safe_globals()))
+        try:
+            with torch.serialization.safe_globals([t for t in types if id(t) not in have]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
+        except pickle.UnpicklingError as e:
+            if attempt == 0 and "megatron" in str(e):
+                types += _megatron_arg_types()
+                continue
+            raise CheckpointReadError(f"{path}: holds objects a weights-only load refuses ({e})") from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointReadError(f"{path}: cannot be read, truncated or corrupt? ({e})") from e
 
 
 class TorchFileReader:
