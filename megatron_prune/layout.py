@@ -154,7 +154,8 @@ def shard_from_hf(spec: ParamSpec, get: Getter, shape_of: Callable[[str], tuple]
         if spec.vocab and end > real_end:  # Megatron's vocab padding: rows no token uses
             shape = list(shape_of(name))
             shape[0] = end - max(start, real_end)
-            pad = torch.zeros(shape, dtype=piece.dtype if piece is not None else torch.float32)
+            pad = torch.zeros(shape, dtype=piece.dtype if piece is not None else torch.float32,
+                              device=piece.device if piece is not None else None)
             piece = pad if piece is None else torch.cat([piece, pad])
         parts.append(piece)
     return fuse(spec, parts, cfg, tp)
