@@ -23,7 +23,6 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from . import layout
 from .config import ConfigError, ModelConfig
 from .hf_model import hf_model_from_source
 from .scores import ImportanceScores, shape_of, weight_structure_scores

@@ -1,54 +1,18 @@
 """HF <-> Megatron conversion and resharding: bit-exact round trips and clear failures."""
 from __future__ import annotations
 
-import glob
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from checks import assert_same_checkpoint, assert_same_tensors, cli_fails, hf_tensors
 from hf_models import make_hf_llama
 from megatron_prune import convert, layout
 from megatron_prune.cli import main
 from megatron_prune.megatron_checkpoint import LegacyCheckpoint
 from megatron_prune.tensor_io import torch_load
-
-
-def hf_tensors(path) -> dict:
-    out = {}
-    for f in sorted(glob.glob(str(Path(path) / "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_tensors(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k], b[k]), k
-
-
-def rank_files(root) -> dict:
-    """{relative path: model state dict} of every rank file of a legacy checkpoint."""
-    root = Path(root)
-    return {str(p.relative_to(root)): torch_load(p, mmap_=False)["model"]
-            for p in sorted(root.glob("iter_*/mp_rank_*/model_optim_rng.pt"))}
-
-
-def assert_same_checkpoint(a, b):
-    fa, fb = rank_files(a), rank_files(b)
-    assert sorted(fa) == sorted(fb)
-    for path in fa:
-        sa, sb = fa[path], fb[path]
-        assert sorted(sa) == sorted(sb), path
-        for k in sa:
-            if torch.is_tensor(sa[k]):
-                assert torch.equal(sa[k], sb[k]), (path, k)
-            else:
-                assert sa[k] is None and sb[k] is None, (path, k)
 
 
 MODELS = {
@@ -183,15 +147,6 @@ def test_stories260k_roundtrip(stories260k_hf, tmp_path):
 
 
 # ------------------------------------------------------------------------------- failures
-def _cli_fails(argv, out: Path, capsys, match: str):
-    before = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert match in err, err
-    after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    assert before == after, "something was left behind"
-
-
 @pytest.fixture(scope="module")
 def small_hf(tmp_path_factory):
     return make_hf_llama(tmp_path_factory.mktemp("small") / "hf", num_hidden_layers=3,
@@ -210,7 +165,7 @@ def small_hf(tmp_path_factory):
 def test_bad_parallel_sizes(small_hf, tmp_path, capsys, flags, match):
     out = tmp_path / "out" / "meg"
     out.parent.mkdir()
-    _cli_fails(["hf-to-megatron", "--hf-dir", str(small_hf), "--save", str(out)] + flags,
+    cli_fails(["hf-to-megatron", "--hf-dir", str(small_hf), "--save", str(out)] + flags,
                out, capsys, match)
 
 
@@ -229,24 +184,24 @@ def test_missing_and_truncated_inputs(small_hf, tmp_path, capsys):
     shard.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out" / "m"
     out.parent.mkdir()
-    _cli_fails(["hf-to-megatron", "--hf-dir", str(broken), "--save", str(out)], out, capsys,
+    cli_fails(["hf-to-megatron", "--hf-dir", str(broken), "--save", str(out)], out, capsys,
                "truncated")
     shard.unlink()
-    _cli_fails(["hf-to-megatron", "--hf-dir", str(broken), "--save", str(out)], out, capsys,
+    cli_fails(["hf-to-megatron", "--hf-dir", str(broken), "--save", str(out)], out, capsys,
                "missing checkpoint file")
-    _cli_fails(["hf-to-megatron", "--hf-dir", str(tmp_path / "nope"), "--save", str(out)], out,
+    cli_fails(["hf-to-megatron", "--hf-dir", str(tmp_path / "nope"), "--save", str(out)], out,
                capsys, "missing")
     # Megatron side: truncated rank file, missing rank file, missing tracker
     meg = tmp_path / "in" / "meg"
     convert.hf_to_megatron(small_hf, meg, tp=2)
     rank = meg / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
     rank.write_bytes(rank.read_bytes()[:1000])
-    _cli_fails(["megatron-to-hf", "--load", str(meg), "--save", str(out)], out, capsys, "truncated")
+    cli_fails(["megatron-to-hf", "--load", str(meg), "--save", str(out)], out, capsys, "truncated")
     shutil.rmtree(rank.parent)
-    _cli_fails(["megatron-to-hf", "--load", str(meg), "--save", str(out)], out, capsys,
+    cli_fails(["megatron-to-hf", "--load", str(meg), "--save", str(out)], out, capsys,
                "missing rank file")
     (meg / "latest_checkpointed_iteration.txt").unlink()
-    _cli_fails(["reshard", "--load", str(meg), "--save", str(out)], out, capsys,
+    cli_fails(["reshard", "--load", str(meg), "--save", str(out)], out, capsys,
                "latest_checkpointed_iteration.txt")
 
 
@@ -277,7 +232,7 @@ def test_unsupported_configs_are_named(small_hf, tmp_path, capsys, change, match
     (bad / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out" / "m"
     out.parent.mkdir()
-    _cli_fails(["hf-to-megatron", "--hf-dir", str(bad), "--save", str(out)], out, capsys, match)
+    cli_fails(["hf-to-megatron", "--hf-dir", str(bad), "--save", str(out)], out, capsys, match)
 
 
 def test_interrupt_leaves_nothing(small_hf, tmp_path, monkeypatch):

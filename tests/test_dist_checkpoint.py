@@ -10,12 +10,11 @@ import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
 from hf_models import make_hf_llama
 from megatron_prune import convert, layout
 from megatron_prune.megatron_checkpoint import LegacyCheckpoint, checkpoint_format, open_megatron
@@ -35,39 +34,6 @@ MODELS = {
     "mha_untied_bf16": dict(num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
                             dtype=torch.bfloat16),
 }
-
-
-def hf_tensors(path) -> dict:
-    out = {}
-    for f in sorted(glob.glob(str(Path(path) / "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_tensors(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k], b[k]), k
-
-
-def rank_files(root) -> dict:
-    root = Path(root)
-    return {str(p.relative_to(root)): torch_load(p, mmap_=False)["model"]
-            for p in sorted(root.glob("iter_*/mp_rank_*/model_optim_rng.pt"))}
-
-
-def assert_same_legacy(a, b):
-    fa, fb = rank_files(a), rank_files(b)
-    assert fa and sorted(fa) == sorted(fb)
-    for path in fa:
-        sa, sb = fa[path], fb[path]
-        assert sorted(sa) == sorted(sb), path
-        for k in sa:
-            if torch.is_tensor(sa[k]):
-                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), (path, k)
-            else:
-                assert sa[k] is None and sb[k] is None, (path, k)
 
 
 def dcp_metadata(it_dir):
@@ -105,12 +71,12 @@ def test_reshard_legacy_through_dist_equals_direct(hf_model, tmp_path):
     assert checkpoint_format(tmp_path / "dist") == "torch_dist"
     convert.reshard(tmp_path / "dist", tmp_path / "tp1", tp=1, pp=1, ckpt_format="torch")
     convert.hf_to_megatron(hf_model, tmp_path / "direct", tp=1)
-    assert_same_legacy(tmp_path / "tp1", tmp_path / "direct")
+    assert_same_checkpoint(tmp_path / "tp1", tmp_path / "direct")
 
     # and legacy TP2 from the same dist checkpoint equals the original TP2 PP2 split at PP1
     convert.reshard(tmp_path / "dist", tmp_path / "tp2", tp=2, pp=1, ckpt_format="torch")
     convert.hf_to_megatron(hf_model, tmp_path / "direct2", tp=2)
-    assert_same_legacy(tmp_path / "tp2", tmp_path / "direct2")
+    assert_same_checkpoint(tmp_path / "tp2", tmp_path / "direct2")
 
 
 def test_local_spec_and_dist_to_dist(tmp_path):
@@ -122,7 +88,7 @@ def test_local_spec_and_dist_to_dist(tmp_path):
     convert.reshard(tmp_path / "b", tmp_path / "legacy", pp=2, ckpt_format="torch")
     assert LegacyCheckpoint(tmp_path / "legacy").impl == layout.LOCAL
     convert.hf_to_megatron(hf, tmp_path / "direct", pp=2, impl=layout.LOCAL)
-    assert_same_legacy(tmp_path / "legacy", tmp_path / "direct")
+    assert_same_checkpoint(tmp_path / "legacy", tmp_path / "direct")
 
 
 # ---------------------------------------------------------------------------- the format itself

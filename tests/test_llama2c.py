@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from megatron_prune import llama2c
 from megatron_prune.cli import main
+from checks import cli_fails
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES = DATA / "models" / "stories260K"
@@ -215,15 +216,6 @@ def test_permute_rope_matches_transformers_convention():
 
 
 # ------------------------------------------------------------------------------- failures
-def _cli_fails(argv, out: Path, capsys, match: str):
-    before = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert match in err, err
-    after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    assert before == after, "something was left behind"
-
-
 @pytest.mark.parametrize("src,cut", [(LEGACY, 1), (LEGACY, 4096), (V1, 4), (V1, 1040384 - 100)])
 def test_truncated_checkpoint(tmp_path, capsys, src, cut):
     bad = tmp_path / "in" / src.name
@@ -231,7 +223,7 @@ def test_truncated_checkpoint(tmp_path, capsys, src, cut):
     bad.write_bytes(src.read_bytes()[:-cut])
     out = tmp_path / "out" / "hf"
     out.parent.mkdir()
-    _cli_fails(["import-llama2c", "--checkpoint", str(bad), "--tokenizer", str(TOK),
+    cli_fails(["import-llama2c", "--checkpoint", str(bad), "--tokenizer", str(TOK),
                 "--save", str(out)], out, capsys, "truncated")
     assert not out.exists()
 
@@ -241,17 +233,17 @@ def test_trailing_bytes_and_unsupported_version(tmp_path, capsys):
     out.parent.mkdir()
     extra = tmp_path / "extra.bin"
     extra.write_bytes(LEGACY.read_bytes() + b"\0" * 4)
-    _cli_fails(["import-llama2c", "--checkpoint", str(extra), "--save", str(out)], out, capsys,
+    cli_fails(["import-llama2c", "--checkpoint", str(extra), "--save", str(out)], out, capsys,
                "trailing bytes")
     v2 = tmp_path / "v2.bin"
     data = bytearray(V1.read_bytes())
     data[4:8] = struct.pack("<i", 2)
     v2.write_bytes(bytes(data))
-    _cli_fails(["import-llama2c", "--checkpoint", str(v2), "--save", str(out)], out, capsys,
+    cli_fails(["import-llama2c", "--checkpoint", str(v2), "--save", str(out)], out, capsys,
                "unsupported export version 2")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\xff" * 300)
-    _cli_fails(["import-llama2c", "--checkpoint", str(junk), "--save", str(out)], out, capsys,
+    cli_fails(["import-llama2c", "--checkpoint", str(junk), "--save", str(out)], out, capsys,
                "not a llama2.c checkpoint")
 
 
@@ -260,9 +252,9 @@ def test_truncated_or_mismatched_tokenizer(tmp_path, capsys):
     out.parent.mkdir()
     bad = tmp_path / "tok.bin"
     bad.write_bytes(TOK.read_bytes()[:-3])
-    _cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer", str(bad),
+    cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer", str(bad),
                 "--save", str(out)], out, capsys, "truncated")
-    _cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer",
+    cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer",
                 str(DATA / "tokenizers" / "llama2" / "tokenizer.bin"), "--save", str(out)],
                out, capsys, "more pieces than the model's vocab_size=512")
 
@@ -270,9 +262,9 @@ def test_truncated_or_mismatched_tokenizer(tmp_path, capsys):
 def test_missing_files(tmp_path, capsys):
     out = tmp_path / "out" / "hf"
     out.parent.mkdir()
-    _cli_fails(["import-llama2c", "--checkpoint", str(tmp_path / "nope.bin"), "--tokenizer",
+    cli_fails(["import-llama2c", "--checkpoint", str(tmp_path / "nope.bin"), "--tokenizer",
                 str(TOK), "--save", str(out)], out, capsys, "no such file")
-    _cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer",
+    cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer",
                 str(tmp_path / "nope_tok.bin"), "--save", str(out)], out, capsys, "no such file")
 
 
@@ -280,7 +272,7 @@ def test_non_empty_save_needs_force(tmp_path, capsys):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer", str(TOK),
+    cli_fails(["import-llama2c", "--checkpoint", str(LEGACY), "--tokenizer", str(TOK),
                 "--save", str(out)], out, capsys, "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"

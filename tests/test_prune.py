@@ -13,7 +13,7 @@ from megatron_prune.config import ConfigError, ModelConfig
 from megatron_prune.prune_plan import PrunePlan, PruneTarget, make_plan
 from megatron_prune.pruning import PLAN_FILE, prune_hf, prune_megatron
 from megatron_prune.scores import ImportanceScores, random_scores
-from test_convert import assert_same_checkpoint, assert_same_tensors, hf_tensors
+from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
 
 TARGET = PruneTarget(num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
                      hidden_size=48, drop_layers=[1])
@@ -68,7 +68,7 @@ def _zero_removed(hf, out, plan: PrunePlan, what: str):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     cfg = plan.source_config
-    d, hpg = cfg.head_dim, cfg.heads_per_group
+    d = cfg.head_dim
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             if i not in plan.keep_layers:
