@@ -413,6 +413,11 @@ class DistCheckpoint:
         self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
         self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
         self.divisible_by = int(getattr(self.args, "make_vocab_size_divisible_by", 128) or 128)
+        # the stage split of the run that saved it (the format itself is split-free)
+        self.stage_counts = layout.stage_layer_counts(
+            self.config.num_layers, self.pp, getattr(self.args, "decoder_first_pipeline_num_layers", None),
+            getattr(self.args, "decoder_last_pipeline_num_layers", None))
+        self.ranges = layout.stage_ranges(self.stage_counts)
         try:
             self._reader = _CachedReader(str(self.dir))
             self.metadata = self._reader.read_metadata()

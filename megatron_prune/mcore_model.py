@@ -526,6 +526,22 @@ def load_legacy_into_model(model, ckpt_dir, *, tp_rank: Optional[int] = None,
     return ckpt
 
 
+def load_checkpoint_into_model(model, ckpt_dir, **kwargs):
+    """Load either checkpoint format into `model`: legacy rank files through
+    `load_legacy_into_model`; torch_dist through megatron-core's own loader, which reshards on
+    load. Returns the opened checkpoint."""
+    from .megatron_checkpoint import checkpoint_format
+    if checkpoint_format(ckpt_dir) == "torch":
+        return load_legacy_into_model(model, ckpt_dir, **kwargs)
+    from megatron.core import dist_checkpointing
+
+    from .dist_checkpoint import DistCheckpoint
+    ckpt = DistCheckpoint(ckpt_dir)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.dir))
+    model.load_state_dict(loaded["model"], strict=True)
+    return ckpt
+
+
 # ============================================================================ running
 def pipeline_forward(model, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                      attention_mask: Optional[torch.Tensor] = None):

@@ -14,7 +14,7 @@ import torch
 from . import mcore_model
 from .config import ConfigError, ModelConfig
 from .hf_checkpoint import HFCheckpoint
-from .megatron_checkpoint import LegacyCheckpoint, check_megatron_input, checkpoint_format
+from .megatron_checkpoint import check_megatron_input, open_megatron
 
 # Shape fields that must agree between the HF directory and the Megatron checkpoint.
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -75,11 +75,8 @@ def verify(hf_dir, load, *, tokens: int = 128, batch: int = 2, seed: int = 0,
            attn_implementation: str = "eager") -> VerifyResult:
     """Run on every rank of a TP x PP launch (or one process); every rank gets the result."""
     check_megatron_input(load)
-    if checkpoint_format(load) != "torch":
-        raise ConfigError(f"--load {load} is a torch_dist checkpoint; verify reads legacy (torch) "
-                          "checkpoints: `megatron-prune reshard --ckpt-format torch` first")
     hf_cfg = HFCheckpoint(hf_dir).config
-    ckpt = LegacyCheckpoint(load)
+    ckpt = open_megatron(load)
     cfg = ckpt.config
     check_same_model(hf_cfg, cfg, hf_dir, load)
     if tokens < 1 or batch < 1:
@@ -97,7 +94,7 @@ def verify(hf_dir, load, *, tokens: int = 128, batch: int = 2, seed: int = 0,
         model = mcore_model.build_gpt_model(cfg, impl=ckpt.impl, dtype=torch.float32,
                                             first=first, last=last,
                                             divisible_by=ckpt.divisible_by)
-        mcore_model.load_legacy_into_model(model, load)
+        mcore_model.load_checkpoint_into_model(model, load)
         model.eval()
         input_ids = random_tokens(cfg.vocab_size, batch, tokens, seed).to(device)
         with torch.no_grad():

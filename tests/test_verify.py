@@ -63,6 +63,14 @@ def test_pp2_local_names_two_processes(gqa_hf, tmp_path):
     assert_matches(proc, tp=1, pp=2, ckpt_impl="local")
 
 
+def test_torch_dist_checkpoint_loads_through_megatron_core(gqa_hf, tmp_path):
+    """verify loads a torch_dist checkpoint through megatron-core's own dist_checkpointing
+    loader (the path Megatron-LM takes) and gives the HF logits."""
+    convert.hf_to_megatron(gqa_hf, tmp_path / "dist", tp=2, ckpt_format="torch_dist")
+    proc = run_verify(2, gqa_hf, tmp_path / "dist", "--tolerance", str(TOL))
+    assert_matches(proc, tp=2, pp=1, ckpt_impl="transformer_engine")
+
+
 def test_tp1_single_process_and_tolerance_failure(gqa_hf, tmp_path):
     convert.hf_to_megatron(gqa_hf, tmp_path / "tp1")
     proc = run_verify(1, gqa_hf, tmp_path / "tp1", "--tolerance", str(TOL))
