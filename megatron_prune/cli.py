@@ -25,9 +25,7 @@ COMMANDS = (
     ("import-llama2c", "megatron_prune.commands.import_llama2c"),
     ("verify", "megatron_prune.commands.verify"),
     ("generate", "megatron_prune.commands.generate"),
-    ("vocab-freq", "megatron_prune.commands.vocab"),
-    ("prune-vocab", "megatron_prune.commands.vocab"),
-    ("prune-embeddings", "megatron_prune.commands.vocab"),
+    ("eval", "megatron_prune.commands.eval"),
 )
 
 USER_ERRORS = (ConfigError, CheckpointReadError, OutputExistsError, FileNotFoundError)

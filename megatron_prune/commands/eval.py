@@ -1,0 +1,72 @@
+"""eval: perplexity, LAMBADA and MMLU on HF or Megatron checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def _run(a) -> int:
+    import torch
+
+    from .. import evaluate
+    from ..calibration import load_tokenizer
+    from ..hf_model import load_hf_model
+    path = a.hf_dir or a.load
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.task == "lm-eval":
+        if not a.hf_dir:
+            raise ConfigError("--task lm-eval runs on a Hugging Face export: pass --hf-dir "
+                              "(megatron-prune megatron-to-hf makes one)")
+        results = evaluate.lm_eval_harness(a.hf_dir, a.lm_eval_tasks.split(","), device)
+    else:
+        model = load_hf_model(path, device=device, dtype=getattr(torch, a.dtype))
+        tok = load_tokenizer(a.tokenizer or (a.hf_dir if a.hf_dir else Path(a.load) / "tokenizer"))
+        if not a.data:
+            raise ConfigError(f"--task {a.task} needs --data")
+        if a.task == "ppl":
+            rows = evaluate.read_rows(a.data, a.json_key)
+            longest = min(2048, model.config.max_position_embeddings)
+            windows = a.window or sorted({longest, 128}, reverse=True)
+            results = [evaluate.perplexity(model, tok, rows, w, a.batch_size, a.max_tokens)
+                       for w in windows]
+        elif a.task == "lambada":
+            results = [evaluate.lambada(model, tok, a.data, a.limit)]
+        else:
+            results = [evaluate.mmlu(model, tok, a.data[0], a.shots, a.limit)]
+    for r in results:
+        print(r.line())
+    if a.save:
+        evaluate.save_results(results, a.save)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity / LAMBADA / MMLU of an HF or Megatron checkpoint",
+        description="Evaluate a model. ppl: documents joined with \\n\\n, tokenized once, "
+                    "non-overlapping windows (by default both the model's max up to 2048 and "
+                    "128; the window is printed with the result). lambada: last-word accuracy "
+                    "from a local jsonl. mmlu: multiple choice from the local dev set (a "
+                    "datasets.save_to_disk folder). lm-eval: lm-evaluation-harness tasks on an HF "
+                    "export (needs `pip install lm-eval` and its datasets).",
+        epilog="example: megatron-prune eval --load ckpt/tp2pp2 --task ppl "
+               "--data ../shared/data/wikitext-2/valid.txt")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", help="Hugging Face model directory")
+    src.add_argument("--load", help="Megatron checkpoint (any TP/PP, merged on load)")
+    p.add_argument("--task", choices=("ppl", "lambada", "mmlu", "lm-eval"), default="ppl")
+    p.add_argument("--data", nargs="+", help="ppl: .txt (rows = lines) or .jsonl; lambada: "
+                   "jsonl; mmlu: the dev set folder")
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--window", type=int, nargs="+", help="ppl window(s) in tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, help="ppl: evaluate only the first N tokens")
+    p.add_argument("--limit", type=int, help="lambada/mmlu: first N examples only")
+    p.add_argument("--shots", type=int, default=5, help="mmlu shots (at most 4 from the dev set)")
+    p.add_argument("--lm-eval-tasks", default="hellaswag,arc_easy,lambada_openai")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save", help="write the results as JSON here")
+    p.set_defaults(func=_run)
