@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_prune import layout  # noqa: E402
 from megatron_prune.config import ModelConfig  # noqa: E402
 from megatron_prune.hf_checkpoint import write_hf_checkpoint  # noqa: E402
+from megatron_prune.scores import random_scores  # noqa: E402
 
 SHAPES = {
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192,
@@ -119,6 +120,23 @@ def bench_shape(name: str, work: Path) -> list:
     run("reshard TP4 -> TP2·PP2", ["reshard", "--load", str(tp4), "--save", str(tp2pp2),
                                    "--tensor-model-parallel-size", "2",
                                    "--pipeline-model-parallel-size", "2"], tp2pp2)
+    # Prune on the TP4 shards with given scores: heads, KV groups (GQA) / heads (MHA) and FFN
+    # to 3/4, one layer dropped. The copy baseline for it is cp of the TP4 input.
+    scores = work / f"{name}-scores.pt"
+    random_scores(cfg, 0).save(scores)
+    heads = cfg.num_attention_heads * 3 // 4
+    pruned = work / f"{name}-pruned"
+    run("prune TP4 (scores given)", ["prune", "--load", str(tp4), "--save", str(pruned),
+                                     "--num-attention-heads-remain", str(heads),
+                                     "--num-query-groups-remain",
+                                     str(heads if cfg.num_query_groups == cfg.num_attention_heads
+                                         else cfg.num_query_groups),
+                                     "--ffn-hidden-size-remain",
+                                     str(cfg.ffn_hidden_size * 3 // 4 // 128 * 128),
+                                     "--drop-layers", "1", "--scores", str(scores)], pruned)
+    copy4 = work / f"{name}-tp4-copy"
+    run("cp -r of the TP4 input", ["cp", str(tp4), str(copy4)], copy4)
+    scores.unlink()
     shutil.rmtree(tp4)
     run("hf-to-megatron TP2·PP2", ["hf-to-megatron", "--hf-dir", str(hf), "--save", str(tp2pp2),
                                    "--tensor-model-parallel-size", "2",
@@ -129,8 +147,9 @@ def bench_shape(name: str, work: Path) -> list:
     shutil.rmtree(tp2pp2)
     shutil.rmtree(hf)
     base = rows[0]["seconds"]
+    tp4_copy = next(r["seconds"] for r in rows if r["op"] == "cp -r of the TP4 input")
     for r in rows:
-        r["x_copy"] = r["seconds"] / base
+        r["x_copy"] = r["seconds"] / (tp4_copy if r["op"].startswith("prune") else base)
         r["rss_goal"] = r["largest_out_file"] + 2**30
     return rows
 
