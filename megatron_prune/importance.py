@@ -39,7 +39,7 @@ class _Stats:
 
     def add(self, key, per_token: torch.Tensor):
         # per_token: [batch, seq, n] non-negative statistics
-        m = per_token.double().mean(1)  # mean over the sequence -> [batch, n]
+        m = per_token.mean(1, dtype=torch.float64)  # mean over the sequence -> [batch, n]
         s = (m ** 2).sum(0)             # accumulate squares over samples
         self.sq[key] = self.sq[key] + s if key in self.sq else s
 
@@ -81,19 +81,19 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
                 ids = batches[start:start + micro_batch].to(device)
                 boundary.clear()
                 model.model(input_ids=ids)
-                flat = [h.double().reshape(-1, h.shape[-1]) for h in boundary]
-                norms = [f.norm(dim=-1).clamp_min(1e-12) for f in flat]
-                for a in range(L + 1):
-                    for b in range(a + 1, L + 1):
-                        cos = ((flat[a] * flat[b]).sum(-1) / (norms[a] * norms[b])).clamp(-1, 1)
-                        ang[a, b] += (torch.arccos(cos) / math.pi).sum().cpu()
-                        if b == a + 1:
-                            bi[a] += (1 - cos).sum().cpu()
-                ntok += flat[0].shape[0]
+                # cosines between all layer boundaries of every token: one batched Gram matrix
+                unit = torch.stack([torch.nn.functional.normalize(
+                    h.reshape(-1, h.shape[-1]).float(), dim=-1) for h in boundary], 1)
+                cos = torch.bmm(unit, unit.transpose(1, 2)).clamp(-1, 1).double()  # [T, L+1, L+1]
+                del unit
+                ang += (torch.arccos(cos) / math.pi).sum(0).cpu()
+                bi += (1 - cos.diagonal(1, 1, 2)).sum(0).cpu()
+                ntok += cos.shape[0]
     finally:
         for h in hooks:
             h.remove()
-    ang = (ang + ang.T) / ntok
+    ang = ang / ntok
+    ang.fill_diagonal_(0)
     heads = torch.stack([stats.l2(("heads", i)) for i in range(L)])
     return ImportanceScores(
         "activation", shape_of(cfg), hidden=stats.l2(("hidden",)), heads=heads,
