@@ -37,14 +37,18 @@ class _Stats:
     def __init__(self):
         self.sq = {}
 
-    def add(self, key, per_token: torch.Tensor):
-        # per_token: [batch, seq, n] non-negative statistics
-        m = per_token.mean(1, dtype=torch.float64)  # mean over the sequence -> [batch, n]
-        s = (m ** 2).sum(0)             # accumulate squares over samples
+    def add(self, key, m: torch.Tensor):
+        """m: [batch, n], a statistic already averaged over the sequence."""
+        s = (m.double() ** 2).sum(0)  # accumulate squares over samples (fp64)
         self.sq[key] = self.sq[key] + s if key in self.sq else s
+
 
     def l2(self, key):
         return self.sq[key].sqrt().cpu()
+
+def _mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, n] -> mean over seq of |x|, in one fp32-accumulating kernel."""
+    return torch.linalg.vector_norm(x, 1, dim=1, dtype=torch.float32) / x.shape[1]
 
 
 def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
@@ -57,13 +61,14 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
     hooks = []
     for i, layer in enumerate(model.model.layers):
         hooks.append(layer.input_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: stats.add(("hidden",), out.abs())))
+            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: stats.add(("hidden",), out.abs())))
+            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, inp, i=i: stats.add(("heads", i), inp[0].unflatten(-1, (-1, d)).norm(dim=-1))))
+            lambda m, inp, i=i: stats.add(("heads", i), inp[0].unflatten(-1, (-1, d)).norm(
+                dim=-1, dtype=torch.float32).mean(1))))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
-            lambda m, inp, i=i: stats.add(("ffn", i), inp[0].abs())))
+            lambda m, inp, i=i: stats.add(("ffn", i), _mean_abs(inp[0]))))
     boundary = []  # residual stream at every layer boundary, filled by the hooks below
 
     def first_input(m, args, kwargs):
@@ -121,7 +126,7 @@ def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: i
 
     def elem(name):
         p = params[name]
-        return (p.detach().double() * p.grad.double() / n).abs().cpu()
+        return (p.detach().float() * p.grad.float()).abs_().div_(n)  # stays on the device
     scores = weight_structure_scores(cfg, elem, "taylor")
     model.zero_grad(set_to_none=True)
     scores.meta.update(samples=len(batches), seq_length=batches.shape[1])

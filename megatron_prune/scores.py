@@ -94,7 +94,7 @@ def random_scores(cfg: ModelConfig, seed: int) -> ImportanceScores:
 
 def magnitude_scores(source, cfg: ModelConfig) -> ImportanceScores:
     """Weight-norm importance (no data): the squared L2 norm of the weights each structure owns."""
-    return weight_structure_scores(cfg, lambda name: source.get(name).double() ** 2, "magnitude",
+    return weight_structure_scores(cfg, lambda name: source.get(name).float() ** 2, "magnitude",
                                    with_layers=False)
 
 
@@ -113,29 +113,33 @@ def weight_structure_scores(cfg: ModelConfig, element_scores, method: str,
     layers = torch.zeros(L, dtype=torch.float64)
     for spec, layer in layout.iter_hf_entries(cfg):
         for j, name in enumerate(spec.hf_names(layer)):
-            w = element_scores(name).double()
+            w = element_scores(name)  # any device/dtype: reduced there in fp64, then moved
+
+            def total(dim=None):
+                out = w.sum(dtype=torch.float64) if dim is None else w.sum(dim, dtype=torch.float64)
+                return out.cpu()
             if layer is not None:
-                layers[layer] += w.sum()
+                layers[layer] += total()
             if spec.key in ("embedding", "output"):
-                hidden += w.sum(0)
+                hidden += total(0)
             elif spec.key in ("input_norm", "mlp_norm", "final_norm"):
-                hidden += w
+                hidden += w.double().cpu()
             elif spec.key == "qkv":
-                hidden += w.sum(0)
-                rows = w.sum(1).reshape(-1, d).sum(1)
+                hidden += total(0)
+                rows = total(1).reshape(-1, d).sum(1)
                 if j == 0:
                     heads[layer] += rows
                 else:
                     kv[layer] += rows
             elif spec.key == "proj":
-                hidden += w.sum(1)
-                heads[layer] += w.sum(0).reshape(-1, d).sum(1)
+                hidden += total(1)
+                heads[layer] += total(0).reshape(-1, d).sum(1)
             elif spec.key == "fc1":
-                hidden += w.sum(0)
-                ffn[layer] += w.sum(1)
+                hidden += total(0)
+                ffn[layer] += total(1)
             elif spec.key == "fc2":
-                hidden += w.sum(1)
-                ffn[layer] += w.sum(0)
+                hidden += total(1)
+                ffn[layer] += total(0)
     groups = kv + heads.reshape(L, cfg.num_query_groups, hpg).sum(-1)
     return ImportanceScores(method, shape_of(cfg), hidden=hidden, heads=heads, groups=groups,
                             ffn=ffn, layers=layers if with_layers else None)
