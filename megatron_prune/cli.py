@@ -26,6 +26,7 @@ COMMANDS = (
     ("verify", "megatron_prune.commands.verify"),
     ("generate", "megatron_prune.commands.generate"),
     ("eval", "megatron_prune.commands.eval"),
+    ("preprocess", "megatron_prune.commands.preprocess"),
 )
 
 USER_ERRORS = (ConfigError, CheckpointReadError, OutputExistsError, FileNotFoundError)
