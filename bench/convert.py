@@ -80,7 +80,18 @@ print("RESULT", time.perf_counter() - t0, rss * 1024)
 """
 
 
+def drop_caches() -> bool:
+    """Start every operation from a cold page cache, so cp and ours read the same way."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def timed(argv: list) -> tuple:
+    drop_caches()
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", RUNNER] + argv, capture_output=True, text=True, env=env)
     if r.returncode:
@@ -155,8 +166,10 @@ def bench_shape(name: str, work: Path) -> list:
 
 
 def markdown(rows, argv) -> str:
+    cold = "page cache dropped before each operation" if drop_caches() else \
+        "page cache NOT dropped (not root): later operations may read from cache"
     lines = [f"`python bench/convert.py {' '.join(argv)}` — {platform.node()} "
-             f"({os.cpu_count()} cores), {date.today()}", "",
+             f"({os.cpu_count()} cores), {date.today()}; {cold}", "",
              "| shape | operation | time (s) | × cp | peak RSS (GiB) | largest output file (GiB) | RSS goal met |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
