@@ -26,6 +26,9 @@ COMMANDS = (
     ("verify", "megatron_prune.commands.verify"),
     ("generate", "megatron_prune.commands.generate"),
     ("eval", "megatron_prune.commands.eval"),
+    ("vocab-freq", "megatron_prune.commands.vocab"),
+    ("prune-vocab", "megatron_prune.commands.vocab"),
+    ("prune-embeddings", "megatron_prune.commands.vocab"),
     ("preprocess", "megatron_prune.commands.preprocess"),
 )
 

@@ -62,10 +62,10 @@ def strip_gutenberg(text: str, name: str = "book") -> str:
 
 def read_gutenberg_book(path) -> str:
     path = Path(path)
-    return strip_gutenberg(_decode(path.read_bytes(), path.name), path.name)
+    return strip_gutenberg(decode_book(path.read_bytes(), path.name), path.name)
 
 
-def _decode(raw: bytes, name: str) -> str:
+def decode_book(raw: bytes, name: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -109,7 +109,7 @@ def iter_gutenberg_archive(tar_path) -> Iterator[Tuple[str, str]]:
             if not (m.isfile() and m.name.endswith(".txt")):
                 continue
             name = Path(m.name).name
-            waiting[order[name]] = strip_gutenberg(_decode(tar.extractfile(m).read(), name), name)
+            waiting[order[name]] = strip_gutenberg(decode_book(tar.extractfile(m).read(), name), name)
             while nxt in waiting:
                 yield names[nxt], waiting.pop(nxt)
                 nxt += 1
