@@ -1,6 +1,7 @@
 """importance: measure importance scores on calibration data."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..calibration import calibration_batches, load_tokenizer
@@ -8,11 +9,35 @@ from ..config import ConfigError
 from ..convert import HFSource, open_source
 
 
+def _backend(a, world: int) -> str:
+    """'megatron' or 'hf': auto is megatron when launched with WORLD_SIZE > 1."""
+    backend = a.backend
+    if backend == "auto":
+        backend = "megatron" if world > 1 else "hf"
+    if a.importance in ("random", "magnitude"):
+        return "none"  # data-free: no model runs
+    if backend == "megatron" and a.hf_dir:
+        raise ConfigError("--backend megatron runs a Megatron checkpoint (--load DIR); for "
+                          "--hf-dir run one process with --backend hf (or convert it first: "
+                          "megatron-prune hf-to-megatron)")
+    if backend == "hf" and world > 1:
+        raise ConfigError(f"--backend hf runs in one process, but this launch has {world}; "
+                          "use --backend megatron (or auto) under torchrun")
+    if backend == "hf" and (a.tensor_model_parallel_size or a.pipeline_model_parallel_size):
+        raise ConfigError("--tensor/pipeline-model-parallel-size need --backend megatron")
+    return backend
+
+
 def _run(a) -> int:
     import torch
 
     from ..importance import compute_importance
+    from ..importance_mcore import compute_importance_megatron, launched_rank, launched_world_size
     from ..scores import magnitude_scores, random_scores
+    world, rank = launched_world_size(), launched_rank()
+    backend = _backend(a, world)
+    if backend == "none" and rank != 0:
+        return 0  # data-free methods: rank 0 alone computes and writes
     path = a.hf_dir or a.load
     source = open_source(path)
     if a.hf_dir and not isinstance(source, HFSource):
@@ -31,7 +56,15 @@ def _run(a) -> int:
         tokenizer = load_tokenizer(tok_path)
         batches = calibration_batches(tokenizer, a.data, a.samples, a.seq_length, a.json_key)
         torch.manual_seed(a.seed)
-        scores = compute_importance(source, a.importance, batches, a.micro_batch_size)
+        if backend == "megatron":
+            scores = compute_importance_megatron(
+                a.load, a.importance, batches, a.micro_batch_size,
+                tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
+                seed=a.seed, progress=rank == 0)
+            if scores is None:  # not global rank 0: only rank 0 writes the scores file
+                return 0
+        else:
+            scores = compute_importance(source, a.importance, batches, a.micro_batch_size)
     scores.meta.setdefault("source", str(path))
     tmp = Path(str(a.save) + ".tmp")
     scores.save(tmp)
@@ -43,12 +76,21 @@ def _run(a) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "importance", help="importance scores on calibration data (for prune --scores)",
-        description="Compute importance scores of hidden channels, attention heads, KV groups, "
-                    "FFN neurons and layers. activation: Minitron-style activation norms "
-                    "(forward only); taylor: |w * dL/dw| per structure; magnitude: weight norms "
-                    "(no data); random: seeded random scores. Runs on CUDA when available.",
-        epilog="example: megatron-prune importance --hf-dir Llama-3.2-1B --data c4.jsonl "
-               "--samples 1024 --seq-length 2048 --save scores.pt")
+        description="Compute importance scores of hidden channels, attention heads, KV groups,\n"
+                    "FFN neurons and layers. activation: Minitron-style activation norms (forward\n"
+                    "only); taylor: |w * dL/dw| per structure; magnitude: weight norms (no data);\n"
+                    "random: seeded random scores. Runs on CUDA when available.\n\n"
+                    "Backends (--backend): hf runs a transformers model built from any source in\n"
+                    "one process; megatron runs a megatron-core GPTModel from a legacy Megatron\n"
+                    "checkpoint on the TP x PP (x DP) ranks torchrun launches (the same scores;\n"
+                    "TP/PP default to the checkpoint's, one process runs TP=PP=1). auto: megatron\n"
+                    "when launched with WORLD_SIZE > 1, else hf. Only rank 0 writes --save.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  megatron-prune importance --hf-dir Llama-3.2-1B --data c4.jsonl "
+               "--samples 1024 --seq-length 2048 --save scores.pt\n"
+               "  torchrun --nproc_per_node 4 -m megatron_prune importance --load ckpt/tp2pp2 "
+               "--data c4.jsonl --samples 1024 --seq-length 2048 --save scores.pt")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="Megatron checkpoint (any TP/PP)")
     src.add_argument("--hf-dir", help="Hugging Face model directory")
@@ -60,6 +102,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--samples", type=int, default=1024, help="calibration sequences")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--backend", choices=("auto", "hf", "megatron"), default="auto",
+                   help="auto (default): megatron when launched with WORLD_SIZE > 1, else hf")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                   help="megatron backend: TP of the model (default: the checkpoint's; one "
+                        "process runs TP=1)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=None,
+                   help="megatron backend: PP of the model (default: the checkpoint's; one "
+                        "process runs PP=1)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--save", required=True, help="output scores file (.pt)")
     p.add_argument("--force", action="store_true")
