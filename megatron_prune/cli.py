@@ -30,6 +30,7 @@ COMMANDS = (
     ("prune-vocab", "megatron_prune.commands.vocab"),
     ("prune-embeddings", "megatron_prune.commands.vocab"),
     ("preprocess", "megatron_prune.commands.preprocess"),
+    ("train", "megatron_prune.commands.train"),
 )
 
 USER_ERRORS = (ConfigError, CheckpointReadError, OutputExistsError, FileNotFoundError)

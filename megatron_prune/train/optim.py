@@ -1,0 +1,148 @@
+"""AdamW and the warmup + decay learning-rate schedule.
+
+With CUDA, megatron-core's optimizer (`get_megatron_optimizer`): fp32 main weights beside bf16
+model weights, gradient clipping by the global norm, and, by default, the distributed optimizer
+(optimizer state sharded over data-parallel ranks). On the CPU — where megatron's optimizer
+allocates CUDA tensors — `TorchAdamW`: torch's AdamW over the (fp32) model weights, fed from
+megatron DDP's `main_grad` buffers, with the same global-norm clipping and the same weight-decay
+rule (none for 1-D parameters: norms). Both are stepped by megatron-core's
+`OptimizerParamScheduler`, counted in samples as Megatron-LM counts them.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from .arguments import OptimizerArgs
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return name.endswith(".bias") or param.dim() == 1
+
+
+def global_grad_norm(params: List[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the model's gradients (`main_grad`) over all TP/PP ranks, each parameter
+    counted once (TP-replicated ones on TP rank 0 only, the tied output copy not at all)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad
+        if g is None or not param_is_not_shared(p) or \
+                not param_is_not_tensor_parallel_duplicate(p):
+            continue
+        total += g.float().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return total.sqrt()
+
+
+class TorchAdamW:
+    """torch.optim.AdamW over a megatron-DDP-wrapped model, with the megatron optimizer's
+    `step() -> (ok, grad_norm, zeros)` interface."""
+
+    def __init__(self, model, o: OptimizerArgs):
+        decay, no_decay = [], []
+        for name, p in model.module.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_decay(name, p) else decay).append(p)
+        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.params = decay + no_decay
+        self.clip_grad = o.clip_grad
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                           eps=o.adam_eps, weight_decay=o.weight_decay,
+                                           foreach=False)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype) if hasattr(p, "main_grad") else p.grad
+        norm = global_grad_norm(self.params)
+        if not torch.isfinite(norm):
+            self.zero_grad()
+            return False, norm.item(), None
+        if self.clip_grad > 0:
+            coeff = self.clip_grad / (norm + 1e-6)
+            if coeff < 1.0:
+                for p in self.params:
+                    p.grad.mul_(coeff)
+        self.optimizer.step()
+        self.zero_grad()
+        return True, norm.item(), None
+
+    def state_dict(self):
+        return {"kind": "torch_adamw", "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        if state.get("kind") != "torch_adamw":
+            raise ConfigError("the checkpoint's optimizer state is megatron-core's (saved on "
+                              "GPUs); resume it on GPUs, or pass --no-load-optim")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    distributed = False
+
+
+def megatron_optimizer(model, o: OptimizerArgs, *, bf16: bool, dtype: torch.dtype,
+                       distributed: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=bf16, params_dtype=dtype,
+        use_distributed_optimizer=distributed)
+    opt = get_megatron_optimizer(config, [model])
+    opt.distributed = distributed
+    return opt
+
+
+def build_optimizer(model, o: OptimizerArgs, *, bf16: bool, dtype: torch.dtype,
+                    distributed: bool):
+    if torch.cuda.is_available():
+        return megatron_optimizer(model, o, bf16=bf16, dtype=dtype, distributed=distributed)
+    if bf16:
+        raise ConfigError("--bf16 needs CUDA (fp32 main weights live in megatron-core's GPU "
+                          "optimizer); train in fp32 on the CPU")
+    return TorchAdamW(model, o)
+
+
+def build_scheduler(optimizer, o: OptimizerArgs, *, train_samples: int, global_batch: int):
+    """Warmup + decay, counted in samples (`step(global_batch)` once per iteration)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    decay_samples = (o.lr_decay_iters * global_batch if o.lr_decay_iters else train_samples)
+    if o.lr_warmup_fraction is not None:
+        warmup = int(o.lr_warmup_fraction * decay_samples)
+    else:
+        warmup = o.lr_warmup_iters * global_batch
+    if warmup >= decay_samples:
+        raise ConfigError(f"LR warmup ({warmup} samples) must be shorter than the decay "
+                          f"({decay_samples} samples)")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay_samples, lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(1, train_samples),
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False)
+
+
+def current_lr(optimizer) -> float:
+    for g in optimizer.param_groups:
+        if g.get("wd_mult", 1.0) != 0.0 or len(optimizer.param_groups) == 1:
+            return float(g["lr"])
+    return float(optimizer.param_groups[0]["lr"])
+

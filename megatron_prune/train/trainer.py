@@ -1,0 +1,488 @@
+"""The training loop: megatron-core model, schedule, DDP and optimizer, wired together.
+
+`train(args)` runs on every rank of a torchrun launch (or one plain process). One iteration:
+the global batch's micro-batches for this data-parallel rank (`data.BatchSource`), the teacher's
+forward over them when distilling, megatron-core's forward-backward schedule (pipelined when
+PP > 1; gradient accumulation over micro-batches inside DDP's `no_sync`; `finalize_model_grads`
+all-reduces over DP and divides by the global number of loss tokens), one optimizer step with
+global-norm clipping, one LR-schedule step. Evaluation, checkpoints and logging around it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import mcore_model
+from ..config import ConfigError
+from . import checkpointing as ckpt_mod
+from . import data as data_mod
+from . import model as model_mod
+from .arguments import TrainArgs
+from .cpu import training_cpu_patches
+from .distill import Teacher
+from .loss import LossSpec, fused_output_loss
+from .metrics import MetricsLogger, flops_per_token, ppl
+from .optim import build_optimizer, build_scheduler, current_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Sizes derived from the flags and the world."""
+    seq_length: int
+    micro_batch: int
+    global_batch: int
+    dp: int
+    num_microbatches: int
+    train_iters: int
+    train_samples: int
+
+
+def plan_run(args: TrainArgs, world: int, default_seq: Optional[int]) -> RunPlan:
+    t, p = args.training, args.parallel
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    dp = world // mp
+    seq = t.seq_length or default_seq
+    if not seq:
+        raise ConfigError("give --seq-length")
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
+                          f"{t.micro_batch_size} x data-parallel size {dp}")
+    if t.train_iters is not None:
+        iters = t.train_iters
+    elif t.train_tokens is not None:
+        iters = math.ceil(t.train_tokens / (seq * gbs))
+    else:
+        iters = math.ceil(t.train_samples / gbs)
+    if iters < 1:
+        raise ConfigError("the run has no iterations: raise --train-iters / --train-tokens")
+    return RunPlan(seq_length=seq, micro_batch=t.micro_batch_size, global_batch=gbs, dp=dp,
+                   num_microbatches=gbs // (t.micro_batch_size * dp), train_iters=iters,
+                   train_samples=iters * gbs)
+
+
+class Trainer:
+    """One rank's share of a training job; `__init__` sets everything up in the order that
+    matters (weights before the optimizer copies them; optimizer before its state is loaded)."""
+
+    def __init__(self, args: TrainArgs, env: dict):
+        self.args, self.env = args, env
+        self.device = env["device"]
+        if args.training.bf16 and not torch.cuda.is_available():
+            raise ConfigError("--bf16 needs CUDA (fp32 main weights live in megatron-core's "
+                              "GPU optimizer); train in fp32 on the CPU")
+        self.dtype = torch.bfloat16 if args.training.bf16 else torch.float32
+        self._resolve_source()
+        self._build_model()
+        self._build_optimizer()
+        self._build_teacher_and_loss()
+        self._build_data()
+        self.flops_per_token = flops_per_token(self.cfg, self.plan.seq_length)
+        lg = args.logging
+        self.metrics = MetricsLogger(
+            enabled=env["rank"] == 0, tensorboard_dir=lg.tensorboard_dir,
+            wandb_project=lg.wandb_project, wandb_name=lg.wandb_exp_name,
+            swanlab_project=lg.swanlab_project, json_path=lg.log_json,
+            config=dataclasses.asdict(args))
+        self._describe()
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_source(self) -> None:
+        """What to build and where its weights come from; the run's sizes; the tokenizer."""
+        a = self.args
+        m, c = a.model, a.checkpoint
+        self.resume = (ckpt_mod.has_checkpoint(c.load) and not c.finetune
+                       and ckpt_mod.is_training_checkpoint(c.load))
+        if ckpt_mod.has_checkpoint(c.load):
+            src = model_mod.source_from_checkpoint(
+                c.load, weights=self.resume or m.init != "random")
+            if not self.resume:
+                log.info("--load %s holds weights only (or --finetune): starting a new run "
+                         "from them", c.load)
+        elif m.pretrained_checkpoint:
+            src = model_mod.source_from_checkpoint(m.pretrained_checkpoint,
+                                                   weights=m.init != "random")
+        else:
+            if m.init != "random":
+                raise ConfigError(f"--load {c.load}: no checkpoint there, and no "
+                                  "--pretrained-checkpoint; pass --init random for a new model")
+            tok = data_mod.tokenizer_info(a.data.tokenizer_type, a.data.tokenizer_model,
+                                          m.vocab_size, None, a.data.eod_id)
+            cfg = model_mod.random_init_config(m, tok.vocab_size, a.training.seq_length or 0)
+            src = model_mod.ModelSource(config=cfg, weights=None,
+                                        divisible_by=m.make_vocab_size_divisible_by)
+        self.source, self.cfg = src, src.config
+        default_seq = getattr(src.args, "seq_length", None) if src.args is not None else None
+        self.plan = plan_run(a, self.env["world_size"], default_seq)
+        if self.plan.seq_length > self.cfg.max_position_embeddings:
+            log.warning("--seq-length %d exceeds the model's max_position_embeddings %d",
+                        self.plan.seq_length, self.cfg.max_position_embeddings)
+        self.tokenizer = data_mod.tokenizer_info(
+            a.data.tokenizer_type, a.data.tokenizer_model, self.cfg.vocab_size,
+            self.cfg.hf_extra.get("eos_token_id"), a.data.eod_id)
+        if self.tokenizer.vocab_size > self.cfg.padded_vocab_size(
+                a.parallel.tensor_model_parallel_size, src.divisible_by):
+            raise ConfigError(f"the tokenizer's vocab ({self.tokenizer.vocab_size}) is larger "
+                              f"than the model's ({self.cfg.vocab_size})")
+
+    def _build_model(self) -> None:
+        """This rank's GPTModel piece with its weights, wrapped in megatron DDP."""
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        m, p = self.args.model, self.args.parallel
+        self.impl = model_mod.pick_impl(m.transformer_impl)
+        torch.manual_seed(self.args.training.seed)  # the same random init on every rank
+        module = model_mod.build_piece(self.cfg, m=m, p=p, dtype=self.dtype, impl=self.impl,
+                                       divisible_by=self.source.divisible_by)
+        if self.source.weights is not None:
+            mcore_model.load_legacy_into_model(module, self.source.weights)
+        self.distributed_optimizer = (torch.cuda.is_available() if p.use_distributed_optimizer
+                                      is None else p.use_distributed_optimizer)
+        if self.distributed_optimizer and not torch.cuda.is_available():
+            raise ConfigError("--use-distributed-optimizer needs CUDA (megatron-core's optimizer)")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+            use_distributed_optimizer=self.distributed_optimizer)
+        self.ddp = DistributedDataParallel(config=module.config, ddp_config=ddp_config,
+                                           module=module)
+        if self.source.weights is None:
+            self.ddp.broadcast_params()
+        self.module = module
+        module.config.no_sync_func = self.ddp.no_sync
+        module.config.finalize_model_grads_func = finalize_model_grads
+        if p.overlap_grad_reduce:
+            module.config.grad_sync_func = self.ddp.start_grad_sync
+        self.forward_backward = get_forward_backward_func()
+
+    def _build_optimizer(self) -> None:
+        """AdamW + LR schedule, and on resume their state, the RNG and the data position."""
+        a, c = self.args, self.args.checkpoint
+        self.optimizer = build_optimizer(self.ddp, a.optim, bf16=a.training.bf16,
+                                         dtype=self.dtype, distributed=self.distributed_optimizer)
+        self.scheduler = build_scheduler(self.optimizer, a.optim,
+                                         train_samples=self.plan.train_samples,
+                                         global_batch=self.plan.global_batch)
+        self.state = ckpt_mod.TrainState()
+        if self.resume:
+            self.state = ckpt_mod.load_training_state(
+                c.load, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler,
+                load_optim=not c.no_load_optim, load_rng=not c.no_load_rng)
+
+    def _build_teacher_and_loss(self) -> None:
+        from megatron.core import parallel_state as ps
+        a, p = self.args, self.args.parallel
+        self.teacher = None
+        if a.distill.teacher:
+            self.teacher = Teacher(a.distill.teacher, student_cfg=self.cfg, m=a.model, p=p,
+                                   dtype=self.dtype, impl=self.impl,
+                                   pp=p.pipeline_model_parallel_size)
+        self.loss_spec = None
+        if self.module.post_process:
+            start, rows = model_mod.vocab_shard(self.cfg, model_mod.output_weight(self.module))
+            tp_group = (ps.get_tensor_model_parallel_group()
+                        if ps.get_tensor_model_parallel_world_size() > 1 else None)
+            self.loss_spec = LossSpec(vocab_start=start, real_rows=rows,
+                                      chunk_tokens=a.model.loss_chunk_tokens,
+                                      kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
+                                      temperature=a.distill.kd_temperature, group=tp_group)
+
+    def _build_data(self) -> None:
+        """train / valid / test GPTDatasets and this rank's view of them."""
+        from megatron.core import parallel_state as ps
+        a, d, pl = self.args, self.args.data, self.plan
+        eval_on = a.eval.eval_interval is not None
+        eval_samples = a.eval.eval_iters * pl.global_batch if eval_on else None
+        save = a.checkpoint.save
+        cache = d.data_cache_path or (str(Path(save) / "data_cache") if save else None)
+        train_ds, valid_ds, test_ds = data_mod.build_datasets(
+            data_path=d.data_path, split=d.split, mock=d.mock_data, seq_length=pl.seq_length,
+            seed=a.training.seed, tokenizer=self.tokenizer,
+            sizes=[pl.train_samples, eval_samples, eval_samples], cache_path=cache,
+            reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+        if train_ds is None:
+            raise ConfigError(f"--split {d.split} leaves no training data")
+        mk = partial(data_mod.BatchSource, global_batch=pl.global_batch,
+                     micro_batch=pl.micro_batch, dp_size=ps.get_data_parallel_world_size(),
+                     dp_rank=ps.get_data_parallel_rank(), device=self.device,
+                     num_workers=d.num_workers)
+        self.train_data = mk(train_ds)
+        self.valid_data = mk(valid_ds) if valid_ds is not None else None
+        self.test_data = mk(test_ds) if test_ds is not None else None
+        if eval_on and self.valid_data is None:
+            log.warning("--split %s has no validation part: no evaluation", d.split)
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _describe(self) -> None:
+        from megatron.core import parallel_state as ps
+        pl, cfg = self.plan, self.cfg
+        where = ("resuming " + str(self.args.checkpoint.load) + f" at iteration "
+                 f"{self.state.iteration}" if self.resume else
+                 f"weights from {self.source.weights}" if self.source.weights else "random init")
+        attn = type(self.module.decoder.layers[0].self_attention.core_attention).__name__ \
+            if len(self.module.decoder.layers) else "-"
+        self.metrics.line(
+            f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN "
+            f"{cfg.ffn_hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_query_groups}, "
+            f"vocab {cfg.vocab_size} ({self.impl} spec, {attn}); {where}\n"
+            f"parallel: TP={ps.get_tensor_model_parallel_world_size()} "
+            f"PP={ps.get_pipeline_model_parallel_world_size()} DP={pl.dp}; batch: micro "
+            f"{pl.micro_batch} x {pl.num_microbatches} accumulation x DP {pl.dp} = global "
+            f"{pl.global_batch} x seq {pl.seq_length}; {pl.train_iters} iterations "
+            f"({pl.train_samples * pl.seq_length:,} tokens); {self.dtype}"
+            + (f"; KD from {self.teacher.path} (T={self.args.distill.kd_temperature}, "
+               f"alpha={self.args.distill.kd_alpha})" if self.teacher else ""))
+
+    def _forward_step(self, data_iterator, model):
+        batch, teacher_hidden = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return out, partial(self._loss, batch, teacher_hidden)
+
+    def _loss(self, batch, teacher_hidden, hidden):
+        h = model_mod.output_hidden(self.module, hidden)
+        w = model_mod.output_weight(self.module)
+        tw = self.teacher.output_weight() if self.teacher else None
+        loss, ce, kd = fused_output_loss(h, w, batch["labels"], batch["loss_mask"],
+                                         self.loss_spec, teacher_hidden, tw)
+        n = batch["loss_mask"].sum().to(torch.int)
+        return loss, n, {"sums": torch.stack([ce.detach(), kd.detach(), n.float()])}
+
+    def _teacher(self, micro):
+        if self.teacher is None:
+            return [None] * len(micro)
+        return self.teacher.hidden_states(self.forward_backward, micro, self.plan.seq_length,
+                                          self.plan.micro_batch)
+
+    def _run_schedule(self, micro, forward_only: bool):
+        data = iter(list(zip(micro, self._teacher(micro))))
+        return self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=data, model=[self.ddp],
+            num_microbatches=len(micro), seq_length=self.plan.seq_length,
+            micro_batch_size=self.plan.micro_batch, forward_only=forward_only)
+
+    def _reduce(self, reports, micro) -> dict:
+        """Sums over the micro-batches of all DP ranks, on every rank."""
+        from megatron.core import parallel_state as ps
+        local = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for r in reports:
+            local[:3] += r["sums"].double()
+        tp = ps.get_tensor_model_parallel_world_size()
+        local[:3] /= tp  # every TP rank of the last stage holds the same sums
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+            for b in micro:  # a fingerprint of the tokens this rank trained on
+                tok = b["tokens"].double()
+                local[3] += (tok * torch.arange(1, tok.shape[1] + 1, device=tok.device,
+                                                dtype=torch.float64)).sum()
+        dist.all_reduce(local)
+        ce, kd, n, checksum = local.tolist()
+        alpha = self.loss_spec.kd_alpha if self.loss_spec else (
+            self.args.distill.kd_alpha if self.teacher else 0.0)
+        lm = ce / max(n, 1)
+        kd_loss = kd / max(n, 1) if self.teacher else None
+        loss = alpha * kd_loss + (1 - alpha) * lm if self.teacher else lm
+        return {"loss": loss, "lm_loss": lm, "kd_loss": kd_loss, "tokens": n,
+                "batch_checksum": checksum}
+
+    # ------------------------------------------------------------------ step, eval, save
+    def train_step(self, micro) -> dict:
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(micro, forward_only=False)
+        lr = current_lr(self.optimizer)  # the rate this step uses
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=self.plan.global_batch)
+        out = self._reduce(reports, micro)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["skipped"] = not ok
+        out["lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, source, name: str) -> Optional[dict]:
+        if source is None or self.args.eval.eval_iters < 1:
+            return None
+        self.ddp.eval()
+        ce = kd = n = 0.0
+        for i in range(self.args.eval.eval_iters):
+            micro = source.global_batch_at(i * self.plan.global_batch)
+            r = self._reduce(self._run_schedule(micro, forward_only=True), micro)
+            ce += r["lm_loss"] * r["tokens"]
+            kd += (r["kd_loss"] or 0.0) * r["tokens"]
+            n += r["tokens"]
+        self.ddp.train()
+        out = {"lm_loss": ce / max(n, 1), "ppl": ppl(ce / max(n, 1))}
+        if self.teacher:
+            out["kd_loss"] = kd / max(n, 1)
+        it = self.state.iteration
+        self.metrics.line(f" {name} at iteration {it}: lm loss {out['lm_loss']:.6f} | "
+                          f"ppl {out['ppl']:.4f}"
+                          + (f" | kd loss {out['kd_loss']:.6f}" if self.teacher else ""))
+        self.metrics.scalars(it, out, prefix=f"{name}/")
+        self.metrics.record({"eval": name, "iteration": it, **out})
+        return out
+
+    def save(self) -> None:
+        c = self.args.checkpoint
+        if not c.save:
+            return
+        t0 = time.time()
+        p = self.args.parallel
+        args = ckpt_mod.megatron_args(
+            self.cfg, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+            dtype=self.dtype, divisible_by=self.source.divisible_by, impl=self.impl,
+            first=p.decoder_first_pipeline_num_layers, last=p.decoder_last_pipeline_num_layers,
+            base=self.source.args, state=self.state,
+            training={"micro_batch_size": self.plan.micro_batch,
+                      "global_batch_size": self.plan.global_batch,
+                      "seq_length": self.plan.seq_length, "train_iters": self.plan.train_iters,
+                      "lr": self.args.optim.lr, "min_lr": self.args.optim.min_lr,
+                      "seed": self.args.training.seed,
+                      "data_path": list(self.args.data.data_path or []),
+                      "split": self.args.data.split})
+        ckpt_mod.save_checkpoint(c.save, model=self.ddp, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, state=self.state, args=args,
+                                 save_optim=not c.no_save_optim,
+                                 tokenizer_dir=self.source.tokenizer_dir)
+        self.last_saved = self.state.iteration
+        self.metrics.line(f" saved checkpoint at iteration {self.state.iteration} to {c.save} "
+                          f"({time.time() - t0:.1f} s)")
+
+    def _early_stop(self, val: Optional[dict]) -> bool:
+        e = self.args.eval
+        if val is None or e.early_stop_patience is None:
+            return False
+        s = self.state
+        if s.best_val_loss is None or val["lm_loss"] < s.best_val_loss - e.early_stop_min_delta:
+            s.best_val_loss, s.evals_without_improvement = val["lm_loss"], 0
+            return False
+        s.evals_without_improvement += 1
+        return s.evals_without_improvement >= e.early_stop_patience
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        a, pl, s = self.args, self.plan, self.state
+        self.last_saved = s.iteration if self.resume else None
+        log_every = max(1, a.logging.log_interval)
+        window_t, window_tokens, window_iters = 0.0, 0, 0
+        history = []
+        stop = None
+        prof = None
+        while s.iteration < pl.train_iters:
+            prof = self._profile(prof, s.iteration + 1)
+            t0 = time.perf_counter()
+            micro = self.train_data.global_batch_at(s.consumed_train_samples)
+            out = self.train_step(micro)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            s.iteration += 1
+            s.consumed_train_samples += pl.global_batch
+            s.consumed_tokens += pl.global_batch * pl.seq_length
+            window_t += dt
+            window_tokens += pl.global_batch * pl.seq_length
+            window_iters += 1
+            history.append(out["loss"])
+            if s.iteration % log_every == 0 or s.iteration == pl.train_iters:
+                self._log(out, window_t, window_tokens, window_iters)
+                window_t, window_tokens, window_iters = 0.0, 0, 0
+            val = None
+            if a.eval.eval_interval and s.iteration % a.eval.eval_interval == 0:
+                val = self.evaluate(self.valid_data, "validation")
+            if self._early_stop(val):
+                stop = (f"validation loss has not improved for {s.evals_without_improvement} "
+                        "evaluations")
+            if a.checkpoint.save_interval and s.iteration % a.checkpoint.save_interval == 0:
+                self.save()
+            if a.training.exit_interval and s.iteration % a.training.exit_interval == 0:
+                stop = stop or f"--exit-interval {a.training.exit_interval}"
+            if stop:
+                break
+        self._profile(prof, None)
+        if stop:
+            self.metrics.line(f" stopping at iteration {s.iteration}: {stop}")
+        test = None
+        if not stop and self.test_data is not None and a.eval.eval_interval:
+            test = self.evaluate(self.test_data, "test")
+        if self.last_saved != s.iteration:
+            self.save()
+        self.metrics.close()
+        return {"iteration": s.iteration, "losses": history, "test": test, "stopped": stop}
+
+    def _profile(self, prof, iteration: Optional[int]):
+        """--profile: start the torch profiler before iteration `profile_step_start`, stop it
+        before `profile_step_end` (or at the end) and print the top kernels on rank 0."""
+        lg = self.args.logging
+        if not lg.profile:
+            return None
+        if prof is None and iteration == lg.profile_step_start:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+            return prof
+        if prof is not None and (iteration is None or iteration == lg.profile_step_end):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.metrics.line(prof.key_averages().table(sort_by=key, row_limit=30,
+                                                        max_name_column_width=70))
+            return None
+        return prof
+
+    def _log(self, out, seconds, tokens, iters) -> None:
+        s = self.state
+        tps = tokens / max(seconds, 1e-9)
+        tflops = tps * self.flops_per_token / 1e12
+        lr = out["lr"]
+        mem = (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+               if torch.cuda.is_available() else "")
+        kd = f" | kd loss {out['kd_loss']:.6E}" if out["kd_loss"] is not None else ""
+        self.metrics.line(
+            f" iteration {s.iteration:8d}/{self.plan.train_iters:8d} | consumed samples "
+            f"{s.consumed_train_samples:10d} | loss {out['loss']:.6E} | lm loss "
+            f"{out['lm_loss']:.6E}{kd} | lr {lr:.4E} | grad norm {out['grad_norm']:.4f} | "
+            f"{tps:,.0f} tokens/s | {tflops:.3g} TFLOP/s | "
+            f"{1000 * seconds / max(iters, 1):.0f} ms/iter{mem}"
+            + (" | skipped (non-finite grads)" if out["skipped"] else ""))
+        record = {"iteration": s.iteration, "loss": out["loss"], "lm_loss": out["lm_loss"],
+                  "kd_loss": out["kd_loss"], "lr": lr, "grad_norm": out["grad_norm"],
+                  "tokens_per_s": tps, "tflops": tflops,
+                  "consumed_samples": s.consumed_train_samples,
+                  "batch_checksum": out["batch_checksum"], "seconds": seconds / max(iters, 1),
+                  "max_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                  if torch.cuda.is_available() else None)}
+        self.metrics.scalars(s.iteration, {k: v for k, v in record.items()
+                                           if k not in ("iteration", "batch_checksum", "seconds")},
+                             prefix="train/")
+        self.metrics.record(record)
+
+
+def train(args: TrainArgs) -> dict:
+    """Run a whole training job on this rank (every rank of the launch calls it)."""
+    args.validate()
+    p = args.parallel
+    env = mcore_model.init_distributed(p.tensor_model_parallel_size,
+                                       p.pipeline_model_parallel_size, seed=args.training.seed)
+    try:
+        training_cpu_patches()
+        with mcore_model._quiet_megatron_import():
+            trainer = Trainer(args, env)
+        return trainer.train()
+    finally:
+        mcore_model.destroy_distributed()

@@ -1,0 +1,467 @@
+"""The recovery trainer (`python -m megatron_prune.train`) on CPU over gloo, for real.
+
+Every run is a real launch (one plain process, or torchrun with 2 gloo processes) of the real
+stories260K model converted to Megatron, trained on an indexed dataset of Shakespeare tokenised
+with its own tokenizer. Runs log one JSON line per iteration (`--log-json`), which the tests read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_prune import convert
+
+pytest.importorskip("megatron.core")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "corpus" / "tinyshakespeare.txt"
+# the working tree's package, whatever an editable install elsewhere points at
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+           PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")]
+                                                     if p]))
+# TP / DP / PP change only the order of floating-point sums (fp32): the curves agree to ~1e-6.
+CURVE_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------- fixtures
+def write_indexed_dataset(prefix: Path, docs) -> Path:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for ids in docs:
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def shakespeare(stories260k_hf, tmp_path_factory) -> Path:
+    """~60k tokens of Shakespeare, one document per speech, stories260K's tokenizer, EOS-ended."""
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(stories260k_hf / "tokenizer.model"))
+    text = SHAKESPEARE.read_text()[:200_000]
+    docs = [sp.encode(d.strip()) + [sp.eos_id()] for d in text.split("\n\n") if d.strip()]
+    return write_indexed_dataset(tmp_path_factory.mktemp("data") / "shakespeare", docs)
+
+
+@pytest.fixture(scope="module")
+def stories_tp1(stories260k_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stories") / "tp1"
+    convert.hf_to_megatron(stories260k_hf, out, tp=1)  # Transformer Engine names
+    return out
+
+
+def run_train(nproc: int, *flags, timeout: int = 240, log=None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "megatron_prune.train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "megatron_prune.train"]
+    return subprocess.run(launcher + [str(f) for f in flags], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def records(path: Path, key: str = "iteration") -> list:
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if "eval" not in r]
+
+
+def common(ckpt, data, tmp: Path, name: str, iters: int = 6):
+    return ["--pretrained-checkpoint", ckpt, "--data-path", data, "--seq-length", 64,
+            "--micro-batch-size", 2, "--global-batch-size", 8, "--train-iters", iters,
+            "--lr", 2e-3, "--min-lr", 1e-4, "--lr-warmup-iters", 2, "--clip-grad", 1.0,
+            "--weight-decay", 0.1, "--log-json", tmp / f"{name}.jsonl",
+            "--data-cache-path", tmp / "cache"]
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def baseline(stories_tp1, shakespeare, tmp_path_factory):
+    """The 1-process run every parallel run is compared with (and exported in one test)."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp, "base"), "--save", tmp / "save",
+                 "--eval-interval", 3, "--eval-iters", 1))
+    return tmp
+
+
+def assert_same_curve(a, b, rtol=CURVE_RTOL):
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["batch_checksum"] == rb["batch_checksum"], (ra, rb)  # the same samples
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=rtol), (ra, rb)
+        assert math.isclose(ra["grad_norm"], rb["grad_norm"], rel_tol=1e-4), (ra, rb)
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- tests
+def test_baseline_learns_and_logs(baseline):
+    recs = records(baseline / "base.jsonl")
+    assert [r["iteration"] for r in recs] == list(range(1, 7))
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.3  # it trains
+    assert recs[0]["lr"] == 0.0 and recs[2]["lr"] == pytest.approx(2e-3)  # warmup, Megatron's
+    assert recs[-1]["lr"] > 1e-4  # cosine towards --min-lr
+    evals = [r for r in map(json.loads, (baseline / "base.jsonl").read_text().splitlines())
+             if "eval" in r]
+    assert [(e["eval"], e["iteration"]) for e in evals] == [
+        ("validation", 3), ("validation", 6), ("test", 6)]
+    assert evals[1]["ppl"] == pytest.approx(math.exp(evals[1]["lm_loss"]))
+    assert evals[1]["lm_loss"] < evals[0]["lm_loss"]
+
+
+def test_tp2_matches_single_process(baseline, stories_tp1, shakespeare, tmp_path):
+    """TP=2 over 2 gloo processes (the TP=1 checkpoint resharded on load, TE names into the
+    local spec) gives the 1-process loss curve, grad norms and LRs."""
+    proc = ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, "tp2"),
+                        "--tensor-model-parallel-size", 2))
+    assert "TP=2 PP=1 DP=1" in proc.stdout
+    assert_same_curve(records(baseline / "base.jsonl"), records(tmp_path / "tp2.jsonl"))
+
+
+def test_dp2_matches_single_process(baseline, stories_tp1, shakespeare, tmp_path):
+    """DP=2: each rank takes half of every global batch (2 micro-batches instead of 4), DDP
+    all-reduces, and the curve is the 1-process one."""
+    proc = ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, "dp2")))
+    assert "TP=1 PP=1 DP=2" in proc.stdout and "micro 2 x 2 accumulation x DP 2" in proc.stdout
+    assert_same_curve(records(baseline / "base.jsonl"), records(tmp_path / "dp2.jsonl"))
+
+
+@pytest.mark.slow
+def test_pp2_uneven_matches_single_process(baseline, stories_tp1, shakespeare, tmp_path):
+    """PP=2 with a 3+2 layer split and the tied embedding shared across the stages."""
+    ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, "pp2"),
+                 "--pipeline-model-parallel-size", 2, "--decoder-first-pipeline-num-layers", 3))
+    assert_same_curve(records(baseline / "base.jsonl"), records(tmp_path / "pp2.jsonl"))
+
+
+def _kill9_after(cmd_flags, jsonl: Path, iteration: int, nproc: int = 1, timeout: int = 180):
+    """Start a run, and kill -9 its whole process group once `iteration` has been logged."""
+    launcher = [sys.executable, "-m", "megatron_prune.train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "megatron_prune.train"]
+    proc = subprocess.Popen(launcher + [str(f) for f in cmd_flags], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if jsonl.is_file() and any(r["iteration"] >= iteration for r in records(jsonl)):
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {proc.returncode}) before iteration "
+                                     f"{iteration}")
+            time.sleep(0.05)
+        else:
+            raise AssertionError("timed out waiting for the run")
+    finally:
+        # torchrun starts its workers in sessions of their own: kill every descendant by pid
+        import psutil
+        victims = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for child in victims:
+            try:
+                child.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+        psutil.wait_procs(victims, timeout=30)
+    return proc
+
+
+def test_kill9_then_resume_reproduces_uninterrupted_run(baseline, stories_tp1, shakespeare,
+                                                        tmp_path):
+    """kill -9 after iteration 5 (checkpoint at 4), resume with --load: iterations 5 and 6 come
+    out bit-identical to the uninterrupted run (same samples, losses, grad norms, LRs), so
+    optimizer state, LR schedule, RNG and data position were all restored."""
+    save = tmp_path / "save"
+    flags = common(stories_tp1, shakespeare, tmp_path, "run") + [
+        "--save", save, "--save-interval", 4, "--load", save, "--eval-interval", 3,
+        "--eval-iters", 1]
+    _kill9_after(flags, tmp_path / "run.jsonl", 5)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    killed = records(tmp_path / "run.jsonl")
+    proc = ok(run_train(1, *flags))
+    assert "resuming" in proc.stdout and "at iteration 4" in proc.stdout
+    resumed = records(tmp_path / "run.jsonl")[len(killed):]
+    assert [r["iteration"] for r in resumed] == [5, 6]
+    base = {r["iteration"]: r for r in records(baseline / "base.jsonl")}
+    for r in killed + resumed:
+        b = base[r["iteration"]]
+        for key in ("loss", "grad_norm", "lr", "batch_checksum", "consumed_samples"):
+            assert r[key] == b[key], (key, r, b)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_dp2_tp2(stories_tp1, shakespeare, tmp_path):
+    """The same over 4 gloo processes (TP=2 x DP=2): torchrun and all its workers killed -9."""
+    save = tmp_path / "save"
+    flags = common(stories_tp1, shakespeare, tmp_path, "run") + [
+        "--save", save, "--save-interval", 3, "--load", save, "--tensor-model-parallel-size", 2]
+    ok(run_train(4, *common(stories_tp1, shakespeare, tmp_path, "full"),
+                 "--tensor-model-parallel-size", 2))
+    _kill9_after(flags, tmp_path / "run.jsonl", 4, nproc=4, timeout=300)
+    killed = records(tmp_path / "run.jsonl")
+    ok(run_train(4, *flags, timeout=300))
+    resumed = records(tmp_path / "run.jsonl")[len(killed):]
+    assert [r["iteration"] for r in resumed] == [4, 5, 6], ([r["iteration"] for r in killed], [r["iteration"] for r in resumed])
+    full = {r["iteration"]: r for r in records(tmp_path / "full.jsonl")}
+    for r in killed + resumed:
+        for key in ("loss", "grad_norm", "lr", "batch_checksum"):
+            assert r[key] == full[r["iteration"]][key], (key, r)
+
+
+def test_export_to_hf_and_load(baseline, stories260k_hf, tmp_path):
+    """The trained checkpoint exports with `megatron-prune megatron-to-hf` (tokenizer kept),
+    loads in transformers, and computes what the trained megatron-core model computes."""
+    save = baseline / "save"
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
+    hf = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "megatron_prune", "megatron-to-hf", "--load",
+                           str(save), "--save", str(hf)], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (hf / "tokenizer.model").is_file()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    orig = AutoModelForCausalLM.from_pretrained(stories260k_hf, dtype=torch.float32)
+    changed = max((a - b).abs().max().item() for a, b in
+                  zip(model.state_dict().values(), orig.state_dict().values()))
+    assert changed > 1e-4  # training moved the weights
+    proc = subprocess.run([sys.executable, "-m", "megatron_prune", "verify", "--hf-dir", str(hf),
+                           "--load", str(save), "--tokens", "32", "--tolerance", "1e-4"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_kd_student_equal_teacher_gives_zero_loss(stories_tp1, shakespeare, tmp_path):
+    """Distilling the model into itself: KL is exactly 0 and, with --kd-alpha 1, so is every
+    gradient (grad norm 0) at the first iteration; TP=2 over 2 processes."""
+    proc = ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, "kd", iters=3),
+                        "--teacher", stories_tp1, "--kd-temperature", 2.0,
+                        "--tensor-model-parallel-size", 2))
+    assert "KD from" in proc.stdout
+    first = records(tmp_path / "kd.jsonl")[0]
+    assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["grad_norm"] < 1e-5
+    assert first["lm_loss"] > 1.0  # the LM loss is still measured
+
+
+GRADS_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from megatron_prune import layout
+    from megatron_prune.train import arguments, trainer as T
+    from megatron_prune import mcore_model as mm
+    from megatron.core import parallel_state as ps
+
+    if __name__ == "__main__":
+        student, teacher, data, out, tp = sys.argv[1:6]
+        args = arguments.parse_args([
+            "--pretrained-checkpoint", student, "--teacher", teacher, "--data-path", data,
+            "--seq-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "1", "--kd-temperature", "1.5", "--kd-alpha", "0.7",
+            "--tensor-model-parallel-size", tp, "--loss-chunk-tokens", "40",
+            "--data-cache-path", out + ".cache"])
+        env = mm.init_distributed(int(tp), 1)
+        T.training_cpu_patches()
+        tr = T.Trainer(args, env)
+        micro = tr.train_data.global_batch_at(0)
+        tr.ddp.zero_grad_buffer()
+        r = tr._reduce(tr._run_schedule(micro, forward_only=False), micro)
+        # gradients of every parameter, merged over TP into HF names through the layout table
+        ranges = [(0, tr.cfg.num_layers)]
+        entries = {e.name: e for e in layout.stage_entries(tr.cfg, tr.impl, 0, ranges)}
+        grads = {}
+        for name, p in tr.module.named_parameters():
+            g = p.main_grad.clone()
+            shards = [torch.empty_like(g) for _ in range(int(tp))]
+            dist.all_gather(shards, g, group=ps.get_tensor_model_parallel_group())
+            e = entries[name]
+            grads.update(layout.merge_to_hf(e.spec, shards, tr.cfg, e.layer))
+        if dist.get_rank() == 0:
+            torch.save({"grads": grads, "loss": r}, out)
+        mm.destroy_distributed()
+""")
+
+
+def test_kd_gradients_tp2_equal_tp1(stories_tp1, shakespeare, tmp_path):
+    """KD (T=1.5, mixed with the LM loss, alpha 0.7) from a different teacher (random, other
+    shape, same vocab): the student's gradients at TP=2 — vocab-parallel softmax and KL with
+    all-reduced max and sums, chunked — equal those at TP=1, parameter by parameter."""
+    from hf_models import make_hf_llama
+    teacher_hf = make_hf_llama(tmp_path / "teacher_hf", vocab_size=512, hidden_size=96,
+                               intermediate_size=128, num_hidden_layers=2,
+                               tie_word_embeddings=True)
+    teacher = tmp_path / "teacher"
+    convert.hf_to_megatron(teacher_hf, teacher, tp=1, impl="local")
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_SCRIPT)
+    results = {}
+    for tp in (1, 2):
+        out = tmp_path / f"grads_tp{tp}.pt"
+        launcher = [sys.executable] if tp == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = subprocess.run(launcher + [str(script), str(stories_tp1), str(teacher),
+                                          str(shakespeare), str(out), str(tp)],
+                              capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        results[tp] = torch.load(out)
+    g1, g2 = results[1]["grads"], results[2]["grads"]
+    assert set(g1) == set(g2) and len(g1) == 2 + 5 * 9  # tied: no lm_head
+    assert results[1]["loss"]["kd_loss"] > 0.1
+    assert results[2]["loss"]["loss"] == pytest.approx(results[1]["loss"]["loss"], rel=1e-6)
+    for name in g1:
+        scale = g1[name].abs().max().item()
+        assert scale > 0, name
+        assert (g1[name] - g2[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+def test_sdpa_attention_matches_megatron_local_attention(stories_tp1, shakespeare, tmp_path):
+    """The SDPA core attention (default without Transformer Engine) trains exactly like
+    megatron-core's own local DotProductAttention (GQA 8 heads / 4 groups)."""
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp_path, "local", iters=3),
+                 "--core-attention", "local"))
+    proc = ok(run_train(1, *common(stories_tp1, shakespeare, tmp_path, "sdpa", iters=3)))
+    assert "SDPACoreAttention" in proc.stdout
+    a, b = records(tmp_path / "local.jsonl"), records(tmp_path / "sdpa.jsonl")
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_random_init_from_scratch_exports(shakespeare, tmp_path):
+    """--init random with shape flags (the baseline pruned models must beat): trains, loss
+    falls from ~ln(vocab), and the checkpoint exports to HF."""
+    save = tmp_path / "save"
+    proc = ok(run_train(1, "--init", "random", "--num-layers", 2, "--hidden-size", 64,
+                        "--ffn-hidden-size", 128, "--num-attention-heads", 4,
+                        "--num-query-groups", 2, "--vocab-size", 512, "--eod-id", 2,
+                        "--data-path", shakespeare, "--seq-length", 64, "--micro-batch-size", 4,
+                        "--train-iters", 8, "--lr", 3e-3, "--save", save,
+                        "--log-json", tmp_path / "r.jsonl", "--data-cache-path", tmp_path / "c"))
+    assert "random init" in proc.stdout
+    recs = records(tmp_path / "r.jsonl")
+    assert abs(recs[0]["loss"] - math.log(512)) < 0.5
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+    from megatron_prune.convert import megatron_to_hf
+    cfg = megatron_to_hf(save, tmp_path / "hf")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_query_groups) == (2, 64, 2)
+
+
+def test_blend_and_early_stop(stories_tp1, shakespeare, tmp_path):
+    """A weighted blend of two indexed datasets ('w1 p1 w2 p2'), and early stopping: with
+    --lr 0 the validation loss cannot improve, so patience 2 stops the run at the third
+    evaluation (and saves there)."""
+    g = torch.Generator().manual_seed(0)
+    other = write_indexed_dataset(tmp_path / "random", [
+        torch.randint(3, 512, (int(n),), generator=g).tolist()
+        for n in torch.randint(30, 200, (300,), generator=g)])
+    save = tmp_path / "save"
+    flags = common(stories_tp1, shakespeare, tmp_path, "es", iters=10)
+    flags[flags.index("--data-path") + 1: flags.index("--data-path") + 2] = [
+        "0.3", shakespeare, "0.7", other]
+    flags[flags.index("--lr") + 1] = 0.0
+    flags[flags.index("--min-lr") + 1] = 0.0
+    proc = ok(run_train(1, *flags, "--eval-interval", 1, "--eval-iters", 1,
+                        "--early-stop-patience", 2, "--save", save))
+    assert "stopping at iteration 3: validation loss has not improved for 2" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert len(records(tmp_path / "es.jsonl")) == 3
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorboard"),
+                    reason="tensorboard is not installed")
+def test_tensorboard_logs(stories_tp1, shakespeare, tmp_path):
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp_path, "tb", iters=3),
+                 "--tensorboard-dir", tmp_path / "tb"))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_run_plan_from_tokens():
+    from megatron_prune.train.arguments import parse_args
+    from megatron_prune.train.trainer import plan_run
+    a = parse_args(["--data-path", "x", "--train-tokens", "1e6", "--seq-length", "1000",
+                    "--micro-batch-size", "2", "--global-batch-size", "16",
+                    "--tensor-model-parallel-size", "2"])
+    plan = plan_run(a, world=8, default_seq=None)  # TP 2 -> DP 4
+    assert (plan.dp, plan.num_microbatches, plan.train_iters) == (4, 2, 63)  # ceil(1e6 / 16000)
+    assert plan.train_samples == 63 * 16
+
+
+def test_fused_loss_matches_full_logits():
+    """The chunked output-layer loss (CE, KD with temperature, their mix, padded vocab rows,
+    masked tokens) equals the loss from full logits, and so do its gradients."""
+    from megatron_prune.train.loss import LossSpec, fused_output_loss, reference_loss
+    torch.manual_seed(0)
+    n, h, vocab, padded = 37, 16, 50, 64
+    for kd, alpha, temp in [(False, 0.0, 1.0), (True, 1.0, 1.0), (True, 0.5, 2.0),
+                            (True, 0.3, 1.0)]:
+        hid = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(padded, h, dtype=torch.float64)
+        w[vocab:] = 0
+        w.requires_grad_()
+        th = torch.randn(n, h, dtype=torch.float64) if kd else None
+        tw = torch.randn(padded, h, dtype=torch.float64) if kd else None
+        labels = torch.randint(0, vocab, (n,))
+        mask = (torch.rand(n) > 0.2).float()
+        spec = LossSpec(vocab_start=0, real_rows=vocab, chunk_tokens=8, kd_alpha=alpha,
+                        temperature=temp)
+        loss, ce, kdl = fused_output_loss(hid, w, labels, mask, spec, th, tw)
+        (1.7 * loss).backward()
+        gh, gw = hid.grad.clone(), w.grad.clone()
+        hid.grad = w.grad = None
+        ref, rce, rkd = reference_loss(hid @ w[:vocab].t(), labels, mask,
+                                       th @ tw[:vocab].t() if kd else None, alpha, temp)
+        (1.7 * ref).backward()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert ce.item() == pytest.approx(rce.item(), rel=1e-5)
+        assert kdl.item() == pytest.approx(float(rkd), rel=1e-5, abs=1e-6)
+        assert torch.allclose(gh, hid.grad, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(gw, w.grad, rtol=1e-5, atol=1e-5)
+        assert gw[vocab:].abs().max() == 0  # padding rows are no tokens
+
+
+def test_user_errors_exit_2(stories_tp1, shakespeare, tmp_path):
+    proc = run_train(1, "--pretrained-checkpoint", stories_tp1, "--train-iters", 1,
+                     "--seq-length", 32)
+    assert proc.returncode == 2 and "--data-path" in proc.stderr
+    proc = run_train(1, *common(stories_tp1, tmp_path / "nothing", tmp_path, "x"))
+    assert proc.returncode == 2 and "nothing.bin" in proc.stderr
+    proc = run_train(1, *common(stories_tp1, shakespeare, tmp_path, "x"), "--bf16")
+    if not torch.cuda.is_available():
+        assert proc.returncode == 2 and "--bf16 needs CUDA" in proc.stderr
+    proc = run_train(1, *common(stories_tp1, shakespeare, tmp_path, "x"),
+                     "--global-batch-size", 7)
+    assert proc.returncode == 2 and "not a multiple" in proc.stderr
+
+
+def test_flag_names_are_megatrons():
+    """The flags users know from Megatron-LM's pretrain_gpt.py keep their names."""
+    from megatron_prune.train.arguments import flag_names, parse_args
+    names = set(flag_names())
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--micro-batch-size", "--global-batch-size", "--seq-length", "--train-iters",
+                 "--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay",
+                 "--clip-grad", "--bf16", "--load", "--save", "--save-interval",
+                 "--eval-interval", "--eval-iters", "--data-path", "--split", "--tokenizer-type",
+                 "--tokenizer-model", "--tensorboard-dir", "--seed", "--recompute-activations",
+                 "--sequence-parallel", "--use-distributed-optimizer", "--train-tokens"):
+        assert flag in names, flag
+    a = parse_args(["--data-path", "0.3", "a", "0.7", "b", "--train-tokens", "12e9",
+                    "--recompute-activations", "--tensor-model-parallel-size", "2"])
+    assert a.data.data_path == ["0.3", "a", "0.7", "b"] and a.training.train_tokens == 12 * 10**9
+    assert a.model.recompute_granularity == "selective"
+    assert a.parallel.tensor_model_parallel_size == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--tensor-model-paralel-size", "2"])
