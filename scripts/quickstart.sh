@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a small default: the real stories260K model (llama2.c, trained on TinyStories)
-# through the checkpoint and pruning pipeline on CPU:
+# through the whole pipeline on CPU:
 #   llama2.c -> HF -> Megatron TP2·PP2 -> logit check against HF over 4 gloo processes ->
-#   activation importance on model-sampled text -> prune 50% of heads and FFN on the shards ->
-#   export to HF -> generate.
+#   activation importance on model-sampled text -> prune about half the non-embedding parameters
+#   (heads and FFN) on the shards -> recovery by distillation from the unpruned model with torchrun
+#   on 2 gloo processes, and the same shape from random init on the same tokens -> export to HF ->
+#   evaluate before/after -> report.md + loss_curves.png.
 # usage: bash scripts/quickstart.sh [OUTDIR]     (needs ../shared/data beside the repo)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,9 +45,44 @@ megatron-prune prune --load "$OUT/tp2pp2" --save "$OUT/pruned_tp2pp2" \
   --num-attention-heads-remain 4 --ffn-hidden-size-remain 86 \
   --importance activation --scores "$OUT/scores.pt" --prune-type balance
 
-step "reshard the pruned model to TP=1 and export it to Hugging Face"
-bash "$ROOT/scripts/transfer.sh" "$OUT/pruned_tp2pp2" "$OUT/pruned_tp1" 1 1
-megatron-prune megatron-to-hf --load "$OUT/pruned_tp1" --save "$OUT/pruned_hf"
-megatron-prune generate --model "$OUT/pruned_hf" --max-new-tokens 60
+step "training text sampled from the model, tokenized into a Megatron indexed dataset"
+megatron-prune generate --model "$OUT/hf" --num-samples ${TRAIN_SAMPLES:-160} --max-new-tokens 256 \
+  --temperature 1.0 --seed 1 --save "$OUT/train.jsonl"
+megatron-prune generate --model "$OUT/hf" --num-samples 24 --max-new-tokens 256 --temperature 1.0 \
+  --seed 2 --save "$OUT/heldout.jsonl"
+megatron-prune preprocess --input "$OUT/train.jsonl" --output-prefix "$OUT/data/train" \
+  --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/hf" --append-eod --workers 1
 
-step "done: outputs in $OUT (prune plan: $OUT/pruned_tp2pp2/prune_plan.json)"
+train() {  # NAME EXTRA_FLAGS...: the same recipe and the same tokens for both runs
+  local name=$1; shift
+  torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29533}" -m megatron_prune.train \
+    --tensor-model-parallel-size 2 --data-path "$OUT/data/train_text_document" --split 90,10,0 \
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/hf" \
+    --seq-length 128 --micro-batch-size 8 --global-batch-size 16 --train-iters ${TRAIN_ITERS:-120} \
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.01 \
+    --clip-grad 1.0 --eval-interval 20 --eval-iters 4 --log-interval 10 \
+    --teacher "$OUT/tp2pp2" --kd-temperature 1.0 \
+    --save "$OUT/$name" --save-interval 1000 --log-json "$OUT/$name.jsonl" "$@"
+}
+step "recover the pruned model: distillation from the unpruned model (TP=2, 2 gloo processes)"
+train recovered --pretrained-checkpoint "$OUT/pruned_tp2pp2"
+cp "$OUT/recovered.jsonl" "$OUT/recover.jsonl"
+step "baseline: the same shape from random init, same recipe, same tokens"
+train scratch --init random --pretrained-checkpoint "$OUT/pruned_tp2pp2"
+
+step "evaluate perplexity on held-out sampled text (window 128)"
+for m in "hf:teacher" "pruned_tp2pp2:pruned" "recovered:recovered" "scratch:scratch"; do
+  src=${m%%:*} key=${m##*:}
+  if [ "$src" = hf ]; then flag=(--hf-dir "$OUT/hf"); else flag=(--load "$OUT/$src" --tokenizer "$OUT/hf"); fi
+  megatron-prune eval "${flag[@]}" --task ppl --data "$OUT/heldout.jsonl" --window 128 \
+    --save "$OUT/eval_$key.json"
+done
+
+step "export the recovered model to Hugging Face (TP=1) and generate"
+bash "$ROOT/scripts/transfer.sh" "$OUT/recovered" "$OUT/recovered_tp1" 1 1
+megatron-prune megatron-to-hf --load "$OUT/recovered_tp1" --save "$OUT/recovered_hf" --tokenizer "$OUT/hf"
+megatron-prune generate --model "$OUT/recovered_hf" --max-new-tokens 60
+
+step "report"
+python3 "$ROOT/scripts/quickstart_report.py" "$OUT"
+step "done: $OUT/report.md, $OUT/loss_curves.png (prune plan: $OUT/pruned_tp2pp2/prune_plan.json)"
