@@ -38,7 +38,8 @@ DEFAULT_SEED = 1234
 
 # ============================================================================ CPU patches
 class _CudaOnCpu:
-    """`torch.cuda` as seen by a patched megatron module: `current_device()` is the CPU."""
+    """`torch.cuda` as seen by a patched megatron module: `current_device()` is the CPU and
+    `synchronize()` does nothing."""
 
     def __init__(self, real):
         self._real = real
@@ -47,12 +48,17 @@ class _CudaOnCpu:
     def current_device():
         return torch.device("cpu")
 
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
     def __getattr__(self, name):
         return getattr(self._real, name)
 
 
 class _TorchOnCpu(types.ModuleType):
-    """Stands in for the name `torch` inside one megatron module; only `torch.cuda` differs."""
+    """Stands in for the name `torch` inside one megatron module (applied only without CUDA):
+    `torch.cuda` and `device="cuda"` tensor factories go to the CPU, everything else is torch."""
 
     def __init__(self):
         super().__init__("torch")
@@ -60,6 +66,21 @@ class _TorchOnCpu(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+    @staticmethod
+    def _cpu(kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._cpu(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._cpu(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._cpu(kwargs))
 
 
 def _cpu_default_causal_mask(sq: int) -> torch.Tensor:

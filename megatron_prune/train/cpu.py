@@ -9,55 +9,12 @@ everything else is the real torch. Nothing is done when CUDA is available.
 """
 from __future__ import annotations
 
-import types
-
 import torch
 
 from .. import mcore_model
+from ..mcore_model import _TorchOnCpu
 
 _PATCHED = False
-
-
-class _CudaOnCpu:
-    def __init__(self, real):
-        self._real = real
-
-    @staticmethod
-    def current_device():
-        return torch.device("cpu")
-
-    @staticmethod
-    def synchronize(*args, **kwargs):
-        return None
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-class _TorchOnCpu(types.ModuleType):
-    """`torch` with `device="cuda"` tensor factories and `torch.cuda` sent to the CPU."""
-
-    def __init__(self):
-        super().__init__("torch")
-        self.cuda = _CudaOnCpu(torch.cuda)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _cpu(kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return kwargs
-
-    def zeros(self, *args, **kwargs):
-        return torch.zeros(*args, **self._cpu(kwargs))
-
-    def empty(self, *args, **kwargs):
-        return torch.empty(*args, **self._cpu(kwargs))
-
-    def tensor(self, *args, **kwargs):
-        return torch.tensor(*args, **self._cpu(kwargs))
 
 
 def training_cpu_patches() -> bool:
