@@ -43,7 +43,6 @@ SHAPES = {
 
 
 def make_random_hf(cfg: ModelConfig, out: Path, seed: int = 0) -> None:
-    from megatron_prune.convert import hf_plan
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
 
@@ -52,7 +51,7 @@ def make_random_hf(cfg: ModelConfig, out: Path, seed: int = 0) -> None:
         return {n: (torch.randn(layout.hf_shape(spec, j, cfg), generator=gen) * 0.02)
                 .to(torch.bfloat16) for j, n in enumerate(spec.hf_names(group[1]))}
 
-    write_hf_checkpoint(out, cfg, hf_plan(cfg), produce, torch.bfloat16, max_shard_bytes=5 * 10**9)
+    write_hf_checkpoint(out, cfg, layout.hf_plan(cfg), produce, torch.bfloat16, max_shard_bytes=5 * 10**9)
 
 
 def dir_bytes(p: Path) -> int:

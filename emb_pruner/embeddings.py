@@ -20,7 +20,7 @@ import torch
 from megatron_prune import convert, layout
 from megatron_prune.config import ConfigError, ModelConfig
 from megatron_prune.fsutil import atomic_output_dir, check_output
-from megatron_prune.hf_checkpoint import HFCheckpoint
+from megatron_prune.hf_checkpoint import HFCheckpoint, model_tokenizer_dir
 
 from .vocab import find_tokenizer, load_vocabulary
 from .vocab_map import FILE_NAME, VocabMap
@@ -164,7 +164,7 @@ def prune_embeddings(map_path, save, *, hf_dir=None, load=None, tokenizer=None,
         source = convert.open_source(load)
         if isinstance(source, convert.HFSource):
             raise ConfigError(f"--load {load} is a Hugging Face directory; use --hf-dir")
-        found = Path(tokenizer) if tokenizer else find_tokenizer(Path(load) / "tokenizer")
+        found = Path(tokenizer) if tokenizer else find_tokenizer(model_tokenizer_dir(load) or load)
         what = f"--load {load}"
     cfg = source.config
     _check_model(vmap, cfg, found, what)

@@ -53,6 +53,9 @@ def calibration_batches(tokenizer, files, samples: int, seq_length: int,
 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
+    if path is None:
+        raise ConfigError("the model keeps no tokenizer (no tokenizer/ folder beside the "
+                          "checkpoint): pass --tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

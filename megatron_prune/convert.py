@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from . import layout
 from .config import DTYPES, ConfigError, ModelConfig
 from .fsutil import atomic_output_dir, check_output
-from .hf_checkpoint import HFCheckpoint, copy_tokenizer, write_hf_checkpoint
+from .hf_checkpoint import (HFCheckpoint, copy_tokenizer, keep_tokenizer, model_tokenizer_dir,
+                            write_hf_checkpoint)
 from .megatron_checkpoint import check_megatron_input, open_megatron, write_legacy
 from .tensor_io import CheckpointReadError
 
@@ -159,15 +160,9 @@ def write_megatron(source, cfg: ModelConfig, out: Path, *, tp: int, pp: int, imp
     return args
 
 
-def hf_plan(cfg: ModelConfig) -> list:
-    return [((spec.key, layer),
-             [(n, layout.hf_shape(spec, j, cfg)) for j, n in enumerate(spec.hf_names(layer))])
-            for spec, layer in layout.iter_hf_entries(cfg)]
-
-
 def write_hf(source, cfg: ModelConfig, out: Path, dtype: torch.dtype,
              max_shard_bytes: int = 5 * 2**30) -> None:
-    plan = hf_plan(cfg)
+    plan = layout.hf_plan(cfg)
     if cfg.hidden_size % cfg.num_attention_heads:
         log.warning(
             "hidden_size %d is not a multiple of num_attention_heads %d: transformers >= 5 "
@@ -199,16 +194,8 @@ def hf_to_megatron(hf_dir, save, *, tp=1, pp=1, impl=layout.TE, dtype=None, divi
         args = write_megatron(source, cfg, tmp, tp=tp, pp=pp, impl=impl,
                               dtype=_dtype(dtype, source.dtype), divisible_by=divisible_by,
                               ckpt_format=ckpt_format, first=first, last=last)
-        copy_tokenizer_if_any(Path(hf_dir), tmp)
+        keep_tokenizer(hf_dir, tmp)
     return args
-
-
-def copy_tokenizer_if_any(hf_dir: Path, out: Path) -> None:
-    """Keep the tokenizer with the checkpoint (Megatron ignores extra files; export reuses it)."""
-    tok = out / "tokenizer"
-    tok.mkdir()
-    if not copy_tokenizer(hf_dir, tok):
-        tok.rmdir()
 
 
 def megatron_to_hf(load, save, *, tokenizer=None, dtype=None, force=False,
@@ -218,8 +205,7 @@ def megatron_to_hf(load, save, *, tokenizer=None, dtype=None, force=False,
     if isinstance(source, HFSource):
         raise ConfigError(f"--load {load} is a Hugging Face directory, not a Megatron checkpoint")
     cfg = source.config
-    if tokenizer is None and (Path(load) / "tokenizer").is_dir():
-        tokenizer = Path(load) / "tokenizer"
+    tokenizer = tokenizer or model_tokenizer_dir(load)
     with atomic_output_dir(save, force) as tmp:
         write_hf(source, cfg, tmp, _dtype(dtype, source.dtype), max_shard_bytes)
         copy_tokenizer(tokenizer, tmp)
@@ -242,11 +228,5 @@ def reshard(load, save, *, tp=None, pp=None, impl=None, dtype=None, divisible_by
             dtype=_dtype(dtype, source.dtype), divisible_by=divisible_by or ckpt.divisible_by,
             ckpt_format=ckpt_format or ckpt.format, first=first, last=last,
             iteration=ckpt.iteration, args_base=ckpt.args)
-        if (Path(load) / "tokenizer").is_dir():
-            copy_tokenizer(Path(load) / "tokenizer", _mkdir(tmp / "tokenizer"))
+        keep_tokenizer(load, tmp)
     return args
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p

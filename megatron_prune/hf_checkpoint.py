@@ -120,6 +120,31 @@ def write_hf_checkpoint(out: Path, cfg: ModelConfig, plan: list, produce: Callab
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+MEGATRON_TOKENIZER_DIR = "tokenizer"
+
+
+def model_tokenizer_dir(model) -> Optional[Path]:
+    """The tokenizer that belongs to a model: an HF directory holds its own files; a Megatron
+    checkpoint written by this project keeps a copy in DIR/tokenizer (Megatron ignores it)."""
+    p = Path(model)
+    if (p / "config.json").is_file():
+        return p
+    tok = p / MEGATRON_TOKENIZER_DIR
+    return tok if tok.is_dir() else None
+
+
+def keep_tokenizer(model, out: Path) -> None:
+    """Store the tokenizer of `model` (HF directory or Megatron checkpoint) as out/tokenizer, so
+    later tools (export, eval, training) find it next to the Megatron checkpoint."""
+    src = model_tokenizer_dir(model)
+    if src is None:
+        return
+    tok = out / MEGATRON_TOKENIZER_DIR
+    tok.mkdir()
+    if not copy_tokenizer(src, tok):
+        tok.rmdir()
+
+
 def copy_tokenizer(src: Optional[Path], out: Path) -> list:
     """Copy tokenizer files from a model dir (or a single tokenizer file) next to a checkpoint."""
     if src is None:

@@ -319,3 +319,10 @@ def iter_hf_entries(cfg: ModelConfig) -> Iterator[tuple]:
     yield FINAL_NORM, None
     if not cfg.tie_embeddings:
         yield OUTPUT, None
+
+
+def hf_plan(cfg: ModelConfig) -> list:
+    """[((spec key, layer), [(hf_name, shape), ...])] of every parameter, in HF write order."""
+    return [((spec.key, layer),
+             [(n, hf_shape(spec, j, cfg)) for j, n in enumerate(spec.hf_names(layer))])
+            for spec, layer in iter_hf_entries(cfg)]

@@ -286,12 +286,6 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def hf_plan(cfg: ModelConfig) -> list:
-    return [((spec.key, layer),
-             [(n, layout.hf_shape(spec, j, cfg)) for j, n in enumerate(spec.hf_names(layer))])
-            for spec, layer in layout.iter_hf_entries(cfg)]
-
-
 # ---------------------------------------------------------------------------- tokenizer
 @dataclass
 class Llama2cTokenizer:
@@ -441,7 +435,7 @@ def import_llama2c(checkpoint, tokenizer, save, *, dtype: str = "fp32",
     log.info("llama2.c %s checkpoint: %s", "version-1" if ckpt.header.version else "legacy",
              _describe(ckpt.header))
     with atomic_output_dir(save, force) as tmp:
-        write_hf_checkpoint(tmp, cfg, hf_plan(cfg), lambda g: ckpt.hf_group(*g), DTYPES[dtype])
+        write_hf_checkpoint(tmp, cfg, layout.hf_plan(cfg), lambda g: ckpt.hf_group(*g), DTYPES[dtype])
         if tok is not None:
             write_tokenizer(tok, tmp, cfg.max_position_embeddings)
     return cfg

@@ -149,8 +149,6 @@ def resolve_target(cfg: ModelConfig, t: PruneTarget, tp: int) -> dict:
         raise ConfigError(
             f"target has {heads // groups} heads per KV group, the source only "
             f"{cfg.heads_per_group}: heads can be removed from groups, not added")
-    if mha and t.num_query_groups is None:
-        groups = heads
     for name, value in (("attention heads", heads), ("KV groups", groups), ("FFN size", ffn)):
         if value % tp:
             raise ConfigError(f"target {name} {value} is not divisible by "

@@ -18,7 +18,7 @@ from . import layout
 from .config import ConfigError, ModelConfig
 from .convert import HFSource, open_source, write_hf, write_megatron
 from .fsutil import atomic_output_dir, check_output
-from .hf_checkpoint import HFCheckpoint, copy_tokenizer
+from .hf_checkpoint import HFCheckpoint, copy_tokenizer, keep_tokenizer
 from .prune_plan import PrunePlan, PruneTarget, make_plan
 from .scores import ImportanceScores, magnitude_scores, random_scores
 
@@ -119,9 +119,7 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
                        ckpt_format=ckpt.format, first=first, last=last,
                        iteration=ckpt.iteration, args_base=ckpt.args)
         plan.save(tmp / PLAN_FILE)
-        if (Path(load) / "tokenizer").is_dir():
-            (tmp / "tokenizer").mkdir()
-            copy_tokenizer(Path(load) / "tokenizer", tmp / "tokenizer")
+        keep_tokenizer(load, tmp)
     return plan
 
 

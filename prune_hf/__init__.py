@@ -1,1 +1,1 @@
-"""HF-checkpoint pruning (prune_hf/prune_llama.py) — see issue: pruning."""
+"""The seed's HF pruning entry point: `python prune_hf/prune_llama.py` (same as `megatron-prune prune-hf`)."""

@@ -1,7 +1,6 @@
 """eval: perplexity, LAMBADA and MMLU on HF or Megatron checkpoints."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..config import ConfigError
 
@@ -11,6 +10,7 @@ def _run(a) -> int:
 
     from .. import evaluate
     from ..calibration import load_tokenizer
+    from ..hf_checkpoint import model_tokenizer_dir
     from ..hf_model import load_hf_model
     path = a.hf_dir or a.load
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,7 +21,7 @@ def _run(a) -> int:
         results = evaluate.lm_eval_harness(a.hf_dir, a.lm_eval_tasks.split(","), device)
     else:
         model = load_hf_model(path, device=device, dtype=getattr(torch, a.dtype))
-        tok = load_tokenizer(a.tokenizer or (a.hf_dir if a.hf_dir else Path(a.load) / "tokenizer"))
+        tok = load_tokenizer(a.tokenizer or model_tokenizer_dir(path))
         if not a.data:
             raise ConfigError(f"--task {a.task} needs --data")
         if a.task == "ppl":

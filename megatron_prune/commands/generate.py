@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..config import ConfigError
 
@@ -11,10 +10,10 @@ def _run(a) -> int:
     import torch
 
     from ..calibration import load_tokenizer
+    from ..hf_checkpoint import model_tokenizer_dir
     from ..hf_model import load_hf_model
     model = load_hf_model(a.model)
-    tok_path = a.tokenizer or (a.model if (Path(a.model) / "config.json").is_file()
-                               else Path(a.model) / "tokenizer")
+    tok_path = a.tokenizer or model_tokenizer_dir(a.model)
     tok = load_tokenizer(tok_path)
     if a.prompt:
         ids = torch.tensor([tok.encode(a.prompt)] * a.num_samples)

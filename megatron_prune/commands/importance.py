@@ -7,6 +7,7 @@ from pathlib import Path
 from ..calibration import calibration_batches, load_tokenizer
 from ..config import ConfigError
 from ..convert import HFSource, open_source
+from ..hf_checkpoint import model_tokenizer_dir
 
 
 def _backend(a, world: int) -> str:
@@ -52,7 +53,7 @@ def _run(a) -> int:
     else:
         if not a.data:
             raise ConfigError(f"--importance {a.importance} needs calibration text: --data FILE...")
-        tok_path = a.tokenizer or (a.hf_dir if a.hf_dir else Path(a.load) / "tokenizer")
+        tok_path = a.tokenizer or model_tokenizer_dir(path)
         tokenizer = load_tokenizer(tok_path)
         batches = calibration_batches(tokenizer, a.data, a.samples, a.seq_length, a.json_key)
         torch.manual_seed(a.seed)

@@ -19,6 +19,7 @@ import torch
 
 from .. import layout, mcore_model
 from ..config import ConfigError, ModelConfig
+from ..hf_checkpoint import model_tokenizer_dir
 from ..megatron_checkpoint import TRACKER, LegacyCheckpoint, checkpoint_format
 from . import sdpa_attention
 from .arguments import ModelArgs, ParallelArgs
@@ -47,10 +48,9 @@ def open_checkpoint(path) -> LegacyCheckpoint:
 
 def source_from_checkpoint(path, weights: bool = True) -> ModelSource:
     ckpt = open_checkpoint(path)
-    tok = Path(path) / "tokenizer"
     return ModelSource(config=ckpt.config, weights=Path(path) if weights else None,
-                       divisible_by=ckpt.divisible_by,
-                       tokenizer_dir=tok if tok.is_dir() else None, args=ckpt.args)
+                       divisible_by=ckpt.divisible_by, tokenizer_dir=model_tokenizer_dir(path),
+                       args=ckpt.args)
 
 
 def random_init_config(m: ModelArgs, vocab_size: Optional[int], seq_length: int) -> ModelConfig:
