@@ -380,6 +380,34 @@ def test_blend_and_early_stop(stories_tp1, shakespeare, tmp_path):
     assert len(records(tmp_path / "es.jsonl")) == 3
 
 
+def test_separate_validation_data_and_wall_time_exit(stories_tp1, shakespeare, tmp_path):
+    """--train-data-path / --valid-data-path (Megatron-LM's): training samples are those of
+    --data-path with all of it in the training split, and validation reads its own dataset
+    (random tokens here: a far higher loss than Shakespeare). --exit-duration-in-mins stops
+    the run after the first iteration that ends past the limit, and saves there."""
+    g = torch.Generator().manual_seed(0)
+    noise = write_indexed_dataset(tmp_path / "noise", [
+        torch.randint(3, 512, (200,), generator=g).tolist() for _ in range(40)])
+    ref = common(stories_tp1, shakespeare, tmp_path, "ref", iters=3)
+    ok(run_train(1, *ref, "--split", "100,0,0"))
+    flags = common(stories_tp1, shakespeare, tmp_path, "sep", iters=3)
+    i = flags.index("--data-path")
+    flags[i:i + 2] = ["--train-data-path", shakespeare, "--valid-data-path", noise]
+    save = tmp_path / "save"
+    proc = ok(run_train(1, *flags, "--eval-interval", 1, "--eval-iters", 1,
+                        "--exit-duration-in-mins", 1e-6, "--save", save))
+    assert "stopping at iteration 1: --exit-duration-in-mins" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+    sep, base = records(tmp_path / "sep.jsonl"), records(tmp_path / "ref.jsonl")
+    assert len(sep) == 1 and sep[0]["batch_checksum"] == base[0]["batch_checksum"]
+    assert sep[0]["loss"] == pytest.approx(base[0]["loss"], rel=1e-6)
+    val = [r for r in map(json.loads, (tmp_path / "sep.jsonl").read_text().splitlines())
+           if r.get("eval") == "validation"]
+    assert len(val) == 1 and val[0]["lm_loss"] > base[0]["loss"] + 1.0  # noise, not stories
+    proc = run_train(1, *flags, "--data-path", shakespeare)
+    assert proc.returncode == 2 and "replace --data-path" in proc.stderr
+
+
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorboard"),
                     reason="tensorboard is not installed")
 def test_tensorboard_logs(stories_tp1, shakespeare, tmp_path):
@@ -456,7 +484,9 @@ def test_flag_names_are_megatrons():
                  "--clip-grad", "--bf16", "--load", "--save", "--save-interval",
                  "--eval-interval", "--eval-iters", "--data-path", "--split", "--tokenizer-type",
                  "--tokenizer-model", "--tensorboard-dir", "--seed", "--recompute-activations",
-                 "--sequence-parallel", "--use-distributed-optimizer", "--train-tokens"):
+                 "--sequence-parallel", "--use-distributed-optimizer", "--train-tokens",
+                 "--train-data-path", "--valid-data-path", "--test-data-path",
+                 "--exit-duration-in-mins"):
         assert flag in names, flag
     a = parse_args(["--data-path", "0.3", "a", "0.7", "b", "--train-tokens", "12e9",
                     "--recompute-activations", "--tensor-model-parallel-size", "2"])

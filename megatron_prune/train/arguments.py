@@ -56,6 +56,10 @@ class ParallelArgs:
 @dataclass
 class DataArgs:
     data_path: List[str] = field(default_factory=list)   # "w1 p1 w2 p2" or "p1 p2"
+    # Separate datasets per split (Megatron-LM's --train/valid/test-data-path); no --split then.
+    train_data_path: List[str] = field(default_factory=list)
+    valid_data_path: List[str] = field(default_factory=list)
+    test_data_path: List[str] = field(default_factory=list)
     split: str = "969,30,1"
     mock_data: bool = False
     data_cache_path: Optional[str] = None
@@ -77,6 +81,7 @@ class TrainingArgs:
     train_tokens: Optional[int] = None
     train_samples: Optional[int] = None
     exit_interval: Optional[int] = None       # stop (after saving) at this iteration
+    exit_duration_in_mins: Optional[float] = None  # stop (after saving) after this wall time
     seed: int = 1234
     bf16: bool = False
 
@@ -159,9 +164,18 @@ class TrainArgs:
             raise ConfigError("give exactly one of --train-iters, --train-tokens, --train-samples")
         if t.micro_batch_size < 1:
             raise ConfigError(f"--micro-batch-size must be positive, got {t.micro_batch_size}")
-        if not d.data_path and not d.mock_data:
+        per_split = d.train_data_path or d.valid_data_path or d.test_data_path
+        if not d.data_path and not d.mock_data and not per_split:
             raise ConfigError("give --data-path (an indexed dataset prefix, or a blend "
-                              "'w1 prefix1 w2 prefix2') or --mock-data")
+                              "'w1 prefix1 w2 prefix2'), --train-data-path [--valid-data-path "
+                              "...] or --mock-data")
+        if per_split and (d.data_path or d.mock_data):
+            raise ConfigError("--train/valid/test-data-path replace --data-path and --split: "
+                              "give one or the other")
+        if per_split and not d.train_data_path:
+            raise ConfigError("--valid-data-path / --test-data-path need --train-data-path")
+        if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
+            raise ConfigError("--exit-duration-in-mins must be positive")
         if o.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}")
         if o.min_lr > o.lr:
@@ -256,6 +270,12 @@ def _flags():
         ("--data-path", "data", "data_path", dict(nargs="+",
             help="indexed dataset prefix(es), optionally weighted: 'w1 p1 w2 p2'")),
         ("--split", "data", "split", dict(type=S, help="train,valid,test weights (969,30,1)")),
+        ("--train-data-path", "data", "train_data_path", dict(nargs="+",
+            help="training data of its own (prefix or weighted blend), instead of --data-path "
+                 "with --split")),
+        ("--valid-data-path", "data", "valid_data_path", dict(nargs="+",
+            help="validation data of its own, e.g. held-out documents")),
+        ("--test-data-path", "data", "test_data_path", dict(nargs="+")),
         ("--mock-data", "data", "mock_data", dict(action="store_true",
             help="megatron-core's mock GPT dataset (random tokens; benchmarks)")),
         ("--data-cache-path", "data", "data_cache_path", dict(type=S)),
@@ -280,6 +300,8 @@ def _flags():
         ("--train-samples", "training", "train_samples", dict(type=_count)),
         ("--exit-interval", "training", "exit_interval", dict(type=I,
             help="stop after this iteration (saving first when --save is given)")),
+        ("--exit-duration-in-mins", "training", "exit_duration_in_mins", dict(type=F,
+            help="stop (saving first when --save is given) once training has run this long")),
         ("--seed", "training", "seed", dict(type=I)),
         ("--bf16", "training", "bf16", dict(action="store_true",
             help="bf16 weights and activations, fp32 main weights in the optimizer (CUDA)")),

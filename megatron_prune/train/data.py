@@ -77,11 +77,11 @@ def tokenizer_info(tokenizer_type: Optional[str], tokenizer_model: Optional[str]
 
 
 # ---------------------------------------------------------------------------- datasets
-def parse_blend(data_path: List[str]):
+def parse_blend(data_path: List[str], flag: str = "--data-path"):
     """`["p"]`, `["p1", "p2"]` or `["w1", "p1", "w2", "p2"]` -> (prefixes, weights or None)."""
     items = [p for item in data_path for p in str(item).split()]
     if not items:
-        raise ConfigError("--data-path is empty")
+        raise ConfigError(f"{flag} is empty")
 
     def number(x):
         try:
@@ -92,13 +92,13 @@ def parse_blend(data_path: List[str]):
     if len(items) % 2 == 0 and all(number(w) is not None for w in items[0::2]):
         weights, prefixes = [number(w) for w in items[0::2]], items[1::2]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"--data-path weights must be non-negative, not all zero: {weights}")
+            raise ConfigError(f"{flag} weights must be non-negative, not all zero: {weights}")
     else:
         weights, prefixes = None, items
     for p in prefixes:
         for ext in (".bin", ".idx"):
             if not Path(p + ext).is_file():
-                raise ConfigError(f"--data-path {p}: no {p + ext} (give the prefix of an "
+                raise ConfigError(f"{flag} {p}: no {p + ext} (give the prefix of an "
                                   "indexed dataset written by `megatron-prune preprocess`)")
     return prefixes, weights
 
@@ -138,20 +138,32 @@ def nonempty_split(prefixes, split: str) -> str:
 
 def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: TokenizerInfo,
                    sizes, cache_path=None, reset_position_ids=False, reset_attention_mask=False,
-                   eod_mask_loss=False):
-    """[train, valid, test] datasets (None for a split with no weight) of `sizes` samples."""
+                   eod_mask_loss=False, split_paths=None):
+    """[train, valid, test] datasets (None for a split with no weight) of `sizes` samples.
+
+    `split_paths` = (train, valid, test) data paths (each a `--data-path`-style list, possibly
+    empty) gives every split data of its own instead of cutting `data_path` by `split`."""
     from ..mcore_model import _quiet_megatron_import
     with _quiet_megatron_import():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder)
         from megatron.core.datasets.gpt_dataset import (GPTDataset, GPTDatasetConfig,
                                                         MockGPTDataset)
-    blend = None if mock else parse_blend(data_path)
-    if not mock:
+    blend = per_split = None
+    if split_paths is not None and any(split_paths):
+        flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
+        # a split nobody asks samples of (no evaluation) is not built
+        per_split = [parse_blend(p, f) if p and n else None
+                     for p, f, n in zip(split_paths, flags, sizes)]
+        split = None
+    elif not mock:
+        blend = parse_blend(data_path)
         split = nonempty_split(blend[0], parse_split(split))
+    else:
+        split = "1,1,1"
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=blend,
-        split=split if not mock else "1,1,1",
+        random_seed=seed, sequence_length=seq_length, blend=blend, blend_per_split=per_split,
+        split=split,
         path_to_cache=cache_path, tokenizer=tokenizer,
         reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
         eod_mask_loss=eod_mask_loss,

@@ -211,7 +211,8 @@ class Trainer:
             seed=a.training.seed, tokenizer=self.tokenizer,
             sizes=[pl.train_samples, eval_samples, eval_samples], cache_path=cache,
             reset_position_ids=d.reset_position_ids,
-            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
+            split_paths=(d.train_data_path, d.valid_data_path, d.test_data_path))
         if train_ds is None:
             raise ConfigError(f"--split {d.split} leaves no training data")
         mk = partial(data_mod.BatchSource, global_batch=pl.global_batch,
@@ -222,7 +223,8 @@ class Trainer:
         self.valid_data = mk(valid_ds) if valid_ds is not None else None
         self.test_data = mk(test_ds) if test_ds is not None else None
         if eval_on and self.valid_data is None:
-            log.warning("--split %s has no validation part: no evaluation", d.split)
+            log.warning("no validation data (--split %s, no --valid-data-path): no evaluation",
+                        d.split)
 
     # ------------------------------------------------------------------ pieces of a step
     def _describe(self) -> None:
@@ -352,7 +354,10 @@ class Trainer:
                       "lr": self.args.optim.lr, "min_lr": self.args.optim.min_lr,
                       "seed": self.args.training.seed,
                       "data_path": list(self.args.data.data_path or []),
-                      "split": self.args.data.split})
+                      "split": self.args.data.split,
+                      **{k: list(getattr(self.args.data, k)) for k in
+                         ("train_data_path", "valid_data_path", "test_data_path")
+                         if getattr(self.args.data, k)}})
         ckpt_mod.save_checkpoint(c.save, model=self.ddp, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=self.state, args=args,
                                  save_optim=not c.no_save_optim,
@@ -381,6 +386,7 @@ class Trainer:
         history = []
         stop = None
         prof = None
+        started = time.time()
         while s.iteration < pl.train_iters:
             prof = self._profile(prof, s.iteration + 1)
             t0 = time.perf_counter()
@@ -409,6 +415,8 @@ class Trainer:
                 self.save()
             if a.training.exit_interval and s.iteration % a.training.exit_interval == 0:
                 stop = stop or f"--exit-interval {a.training.exit_interval}"
+            if self._out_of_time(started):
+                stop = stop or f"--exit-duration-in-mins {a.training.exit_duration_in_mins:g}"
             if stop:
                 break
         self._profile(prof, None)
@@ -421,6 +429,15 @@ class Trainer:
             self.save()
         self.metrics.close()
         return {"iteration": s.iteration, "losses": history, "test": test, "stopped": stop}
+
+    def _out_of_time(self, started: float) -> bool:
+        """--exit-duration-in-mins has passed on some rank (all ranks stop together)."""
+        limit = self.args.training.exit_duration_in_mins
+        if limit is None:
+            return False
+        late = torch.tensor([float(time.time() - started > 60 * limit)], device=self.device)
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
 
     def _profile(self, prof, iteration: Optional[int]):
         """--profile: start the torch profiler before iteration `profile_step_start`, stop it
