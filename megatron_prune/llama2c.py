@@ -53,7 +53,6 @@ store. What cannot be made exact, and why:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -70,6 +69,7 @@ from .config import DTYPES, ConfigError, ModelConfig
 from .fsutil import atomic_output_dir, check_output
 from .hf_checkpoint import write_hf_checkpoint
 from .tensor_io import CheckpointReadError
+from .tokenizers import write_llama_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -406,19 +406,9 @@ def write_tokenizer(tok: Llama2cTokenizer, out: Path, max_length: int) -> None:
     """tokenizer.model + the two JSON files AutoTokenizer reads."""
     out = Path(out)
     (out / "tokenizer.model").write_bytes(sentencepiece_model(tok).SerializeToString())
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    added = {str(i): {"content": tok.pieces[i], "lstrip": False, "normalized": False,
-                      "rstrip": False, "single_word": False, "special": True}
-             for i in (UNK_ID, BOS_ID, EOS_ID)}
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True,
-        "legacy": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length, "pad_token": None, "padding_side": "left",
-        "sp_model_kwargs": {}, "added_tokens_decoder": added, **special,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_llama_tokenizer_config(out, {k: (i, tok.pieces[i]) for k, i in
+                                       (("unk", UNK_ID), ("bos", BOS_ID), ("eos", EOS_ID))},
+                                 max_length)
 
 
 # ---------------------------------------------------------------------------- command

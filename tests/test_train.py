@@ -340,14 +340,16 @@ def test_sdpa_attention_matches_megatron_local_attention(stories_tp1, shakespear
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
 
 
-def test_random_init_from_scratch_exports(shakespeare, tmp_path):
+def test_random_init_from_scratch_exports(stories260k_hf, shakespeare, tmp_path):
     """--init random with shape flags (the baseline pruned models must beat): trains, loss
-    falls from ~ln(vocab), and the checkpoint exports to HF."""
+    falls from ~ln(vocab), and the checkpoint exports to HF with the SentencePiece tokenizer
+    of the flags made into a transformers tokenizer."""
     save = tmp_path / "save"
+    spm = stories260k_hf / "tokenizer.model"
     proc = ok(run_train(1, "--init", "random", "--num-layers", 2, "--hidden-size", 64,
                         "--ffn-hidden-size", 128, "--num-attention-heads", 4,
-                        "--num-query-groups", 2, "--vocab-size", 512, "--eod-id", 2,
-                        "--data-path", shakespeare, "--seq-length", 64, "--micro-batch-size", 4,
+                        "--num-query-groups", 2, "--tokenizer-type", "Llama2Tokenizer",
+                        "--tokenizer-model", spm, "--data-path", shakespeare, "--seq-length", 64, "--micro-batch-size", 4,
                         "--train-iters", 8, "--lr", 3e-3, "--save", save,
                         "--log-json", tmp_path / "r.jsonl", "--data-cache-path", tmp_path / "c"))
     assert "random init" in proc.stdout
@@ -357,6 +359,11 @@ def test_random_init_from_scratch_exports(shakespeare, tmp_path):
     from megatron_prune.convert import megatron_to_hf
     cfg = megatron_to_hf(save, tmp_path / "hf")
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_query_groups) == (2, 64, 2)
+    import sentencepiece
+    from transformers import AutoTokenizer
+    text = "Once upon a time, there was a little girl."
+    ids = sentencepiece.SentencePieceProcessor(model_file=str(spm)).encode(text)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == [1] + ids
 
 
 def test_blend_and_early_stop(stories_tp1, shakespeare, tmp_path):

@@ -9,9 +9,12 @@ global-norm clipping, one LR-schedule step. Evaluation, checkpoints and logging 
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
+import shutil
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch.distributed as dist
 
 from .. import mcore_model
 from ..config import ConfigError
+from ..tokenizers import SENTENCEPIECE_TYPES, write_hf_sentencepiece_dir
 from . import checkpointing as ckpt_mod
 from . import data as data_mod
 from . import model as model_mod
@@ -361,10 +365,29 @@ class Trainer:
         ckpt_mod.save_checkpoint(c.save, model=self.ddp, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=self.state, args=args,
                                  save_optim=not c.no_save_optim,
-                                 tokenizer_dir=self.source.tokenizer_dir)
+                                 tokenizer_dir=self._tokenizer_dir())
         self.last_saved = self.state.iteration
         self.metrics.line(f" saved checkpoint at iteration {self.state.iteration} to {c.save} "
                           f"({time.time() - t0:.1f} s)")
+
+    def _tokenizer_dir(self) -> Optional[Path]:
+        """The tokenizer a checkpoint keeps: the source checkpoint's, else the one the flags
+        name (a transformers directory, or a SentencePiece model made into one), so that a
+        model trained from random init exports and evaluates without --tokenizer."""
+        d = self.args.data
+        if self.source.tokenizer_dir is not None or not d.tokenizer_model:
+            return self.source.tokenizer_dir
+        model = Path(d.tokenizer_model)
+        if d.tokenizer_type == "HuggingFaceTokenizer" and model.is_dir():
+            return model
+        if d.tokenizer_type in SENTENCEPIECE_TYPES and model.is_file():
+            if getattr(self, "_sp_tokenizer_dir", None) is None:
+                self._sp_tokenizer_dir = Path(tempfile.mkdtemp(prefix="mp-tokenizer-"))
+                atexit.register(shutil.rmtree, self._sp_tokenizer_dir, True)
+                write_hf_sentencepiece_dir(model, self._sp_tokenizer_dir,
+                                           self.cfg.max_position_embeddings)
+            return self._sp_tokenizer_dir
+        return None
 
     def _early_stop(self, val: Optional[dict]) -> bool:
         e = self.args.eval
