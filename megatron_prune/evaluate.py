@@ -59,8 +59,10 @@ def read_rows(files, json_key: str = "text") -> list:
     return rows
 
 
-def perplexity(model, tokenizer, rows: list, window: int, batch_size: int = 8,
-               max_tokens: Optional[int] = None) -> EvalResult:
+def token_windows(tokenizer, rows: list, window: int,
+                  max_tokens: Optional[int] = None) -> torch.Tensor:
+    """[n, window] token ids of the rows joined by blank lines (BOS first), cut into
+    non-overlapping windows: what `perplexity` scores; computed once, scored for many models."""
     ids = tokenizer.encode("\n\n".join(rows), add_special_tokens=False)
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
@@ -69,17 +71,29 @@ def perplexity(model, tokenizer, rows: list, window: int, batch_size: int = 8,
     n = len(ids) // window
     if n == 0:
         raise ConfigError(f"the text gives {len(ids)} tokens, less than one window of {window}")
-    windows = torch.tensor(ids[: n * window]).reshape(n, window)
+    return torch.tensor(ids[: n * window]).reshape(n, window)
+
+
+def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> EvalResult:
+    """Perplexity of the next-token predictions inside each window (fp64 log-softmax)."""
+    n, window = windows.shape
     nll, count = 0.0, 0
     device = _device(model)
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"perplexity (window {window})", unit="batch"):
+        for start in tqdm(range(0, n, batch_size), desc=f"perplexity (window {window})",
+                          unit="batch"):
             x = windows[start:start + batch_size].to(device)
             logp = torch.log_softmax(model(input_ids=x).logits.double(), -1)
             nll -= logp[:, :-1].gather(-1, x[:, 1:, None]).sum().item()
             count += x[:, 1:].numel()
     return EvalResult("ppl", "perplexity", math.exp(nll / count), count,
                       f"window {window}, {n} non-overlapping windows, documents joined by \\n\\n")
+
+
+def perplexity(model, tokenizer, rows: list, window: int, batch_size: int = 8,
+               max_tokens: Optional[int] = None) -> EvalResult:
+    return windows_perplexity(model, token_windows(tokenizer, rows, window, max_tokens),
+                              batch_size)
 
 
 def lambada(model, tokenizer, files, limit: Optional[int] = None) -> EvalResult:
