@@ -1,0 +1,579 @@
+"""The prune -> recover quality benchmark (issue 7), through the project's own commands.
+
+One run, on one GPU machine (about 10 minutes on an H100), or on the CPU with `--smoke`:
+
+1. data      the Gutenberg books of ../shared/data (header/footer stripped), the last 5 by file
+             name held out; both tokenized with the Llama-2 tokenizer (`megatron-prune
+             preprocess`); calibration text drawn from the training books.
+2. teacher   a Llama model (12 layers, hidden 768, 12 heads / 4 KV groups, FFN 2048, untied,
+             seq 1024) trained from random init by `python -m megatron_prune.train` for a fixed
+             wall time (`--teacher-seconds`; a short probe run sets the iteration count so the
+             cosine schedule ends on time), validated on the held-out books.
+3. prune     importance (`megatron-prune importance`: activation, taylor; magnitude and random
+             need no data) and `megatron-prune prune` of the teacher's Megatron checkpoint to
+             9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
+4. recover   every pruned model with the same token budget, with the LM loss and with
+             distillation from the teacher (`--teacher`), and a random-init model of the pruned
+             shape on the same tokens; `--jobs` runs share the GPU.
+5. evaluate  perplexity on the held-out books and WikiText-2 validation (windows of the
+             sequence length), right after pruning and after recovery -> results.md/.json,
+             recover_curves.png, teacher_curve.png in --out.
+
+usage: python bench/prune_recover.py --out results/ [--work /tmp/prune_recover]
+       python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ("random", "magnitude", "activation", "taylor")
+# The plain PyTorch + transformers reference of the same protocol (issue 7), for the table.
+REFERENCE = {"teacher": 49.7, "random pruned": 823.0, "activation pruned": 421.0,
+             "random + LM": 54.4, "activation + LM": 52.9, "activation + KD": 51.9,
+             "random init": 138.7}
+
+
+@dataclass
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    ffn: int
+
+
+@dataclass
+class Protocol:
+    teacher: Shape = field(default_factory=lambda: Shape(12, 768, 12, 4, 2048))
+    student: Shape = field(default_factory=lambda: Shape(9, 512, 8, 4, 1024))
+    seq_length: int = 1024
+    valid_books: int = 5
+    train_books: Optional[int] = None        # None: all but the held-out ones
+    teacher_seconds: float = 170.0
+    teacher_micro_batch: int = 32
+    teacher_global_batch: int = 64
+    teacher_lr: float = 1e-3
+    teacher_probe_iters: int = 30
+    recover_iters: int = 400
+    recover_micro_batch: int = 16
+    recover_global_batch: int = 16
+    recover_lr: float = 6e-4
+    scratch_lr: float = 2e-3
+    kd_temperature: float = 1.0
+    calib_samples: int = 128
+    eval_tokens: int = 1 << 20              # held-out books: the first ~1M tokens
+    eval_interval: int = 50
+    eval_iters: int = 4
+    bf16: bool = True
+
+
+def smoke_protocol() -> Protocol:
+    """A CPU-sized run of the same pipeline (minutes): every step, tiny shapes."""
+    return Protocol(teacher=Shape(2, 64, 4, 2, 128), student=Shape(1, 32, 2, 2, 64),
+                    seq_length=64, train_books=6, teacher_seconds=20, teacher_micro_batch=8,
+                    teacher_global_batch=8, teacher_probe_iters=6, recover_iters=12,
+                    recover_micro_batch=4, recover_global_batch=8, calib_samples=8,
+                    eval_tokens=16384, eval_interval=6, eval_iters=1, bf16=False)
+
+
+# ---------------------------------------------------------------------------- processes
+class Runner:
+    """Runs the project's commands as subprocesses, each logging to its own file."""
+
+    def __init__(self, work: Path, log: Path):
+        self.work, self.log = work, log
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
+                        PYTHONPATH=os.pathsep.join([str(ROOT)] + [
+                            p for p in [os.environ.get("PYTHONPATH")] if p]))
+        self.env.setdefault("OMP_NUM_THREADS", "1" if not _cuda() else "4")
+        self.stage_seconds: Dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        line = f"[{datetime.datetime.now():%H:%M:%S}] {msg}"
+        print(line, flush=True)
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def start(self, name: str, argv: List[str]):
+        out = open(self.work / "logs" / f"{name}.log", "w")
+        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=ROOT)
+        return proc, out, name
+
+    def finish(self, job) -> None:
+        proc, out, name = job
+        rc = proc.wait()
+        out.close()
+        text = (self.work / "logs" / f"{name}.log").read_text(errors="replace")
+        with open(self.log, "a") as f:
+            f.write(f"\n===== {name} (exit {rc})\n{text[-20000:]}\n")
+        if rc != 0:
+            raise SystemExit(f"{name} failed (exit {rc}):\n{text[-4000:]}")
+
+    def run(self, name: str, argv: List[str]) -> None:
+        self.finish(self.start(name, argv))
+
+    def run_many(self, jobs: Dict[str, List[str]], parallel: int) -> None:
+        """Run the jobs, at most `parallel` at a time (they share the GPU)."""
+        pending, running = list(jobs.items()), []
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, argv = pending.pop(0)
+                self.say(f"  start {name}")
+                running.append(self.start(name, argv))
+            done = [j for j in running if j[0].poll() is not None]
+            for j in done:
+                running.remove(j)
+                self.finish(j)
+                self.say(f"  done  {j[2]}")
+            if not done:
+                time.sleep(0.5)
+
+    def stage(self, name: str):
+        runner = self
+
+        class _Stage:
+            def __enter__(self):
+                runner.say(f"== {name}")
+                self.t0 = time.time()
+
+            def __exit__(self, *exc):
+                runner.stage_seconds[name] = time.time() - self.t0
+                if exc[0] is None:
+                    runner.say(f"== {name}: {runner.stage_seconds[name]:.0f} s")
+        return _Stage()
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+CLI = [sys.executable, "-m", "megatron_prune"]
+TRAIN = [sys.executable, "-m", "megatron_prune.train"]
+
+
+# ---------------------------------------------------------------------------- 1. data
+def prepare_data(r: Runner, p: Protocol, data_dir: Path, workers: int) -> dict:
+    from megatron_prune.corpus import iter_gutenberg_archive, split_holdout
+    from megatron_prune.tokenizers import write_hf_sentencepiece_dir
+    d = r.work / "data"
+    d.mkdir(exist_ok=True)
+    spm = data_dir / "tokenizers" / "llama2" / "tokenizer.model"
+    books = list(iter_gutenberg_archive(data_dir / "corpus" / "gutenberg_en.tar.xz"))
+    train, valid = split_holdout(books, p.valid_books)
+    if p.train_books:
+        train = train[:p.train_books]
+    for split, items in (("train", train), ("valid", valid)):
+        with open(d / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for name, text in items:
+                f.write(json.dumps({"text": text, "file": name}, ensure_ascii=False) + "\n")
+    _write_calibration(d / "calibration.jsonl", train, p)
+    jobs = {f"preprocess_{split}": CLI + [
+        "preprocess", "--input", d / f"{split}.jsonl", "--output-prefix", d / split,
+        "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", spm, "--append-eod",
+        "--workers", workers, "--chunk-size", 1, "--force"] for split in ("train", "valid")}
+    r.run_many(jobs, parallel=2)
+    tok = write_hf_sentencepiece_dir(spm, d / "tokenizer", p.seq_length)
+    return {"train": d / "train_text_document", "valid": d / "valid_text_document",
+            "spm": spm, "tokenizer": tok, "calibration": d / "calibration.jsonl",
+            "valid_books": [n for n, _ in valid], "train_books": len(train),
+            "valid_rows": [t for _, t in valid],
+            "wikitext": (data_dir / "wikitext-2" / "valid.txt").read_text().splitlines()}
+
+
+def _write_calibration(path: Path, train: list, p: Protocol) -> None:
+    """Chunks of training books chosen with a fixed seed (about 5 characters per token), so
+    the calibration set spans many books rather than the first one."""
+    rng = random.Random(0)
+    chars = 5 * p.seq_length
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(p.calib_samples + 8):
+            _, text = train[rng.randrange(len(train))]
+            start = rng.randrange(max(1, len(text) - chars))
+            f.write(json.dumps({"text": text[start:start + chars]}) + "\n")
+
+
+# ---------------------------------------------------------------------------- 2. teacher
+def _data_flags(data: dict) -> list:
+    return ["--train-data-path", data["train"], "--valid-data-path", data["valid"],
+            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", data["spm"]]
+
+
+def _teacher_flags(p: Protocol, data: dict, iters: int) -> list:
+    t = p.teacher
+    return TRAIN + [
+        "--init", "random", "--num-layers", t.layers, "--hidden-size", t.hidden,
+        "--num-attention-heads", t.heads, "--num-query-groups", t.groups,
+        "--ffn-hidden-size", t.ffn, "--untie-embeddings-and-output-weights",
+        "--seq-length", p.seq_length, "--max-position-embeddings", p.seq_length,
+        "--micro-batch-size", p.teacher_micro_batch,
+        "--global-batch-size", p.teacher_global_batch, "--train-iters", iters,
+        "--lr", p.teacher_lr, "--min-lr", p.teacher_lr / 10,
+        "--lr-warmup-iters", max(1, iters // 20), "--lr-decay-style", "cosine",
+        "--weight-decay", 0.1, "--clip-grad", 1.0, "--seed", 1234,
+        *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
+
+
+def train_teacher(r: Runner, p: Protocol, data: dict) -> dict:
+    probe = r.work / "teacher_probe.jsonl"
+    probe.unlink(missing_ok=True)
+    r.run("teacher_probe", _teacher_flags(p, data, p.teacher_probe_iters) + [
+        "--log-interval", max(1, p.teacher_probe_iters // 6), "--log-json", probe])
+    recs = [x for x in _jsonl(probe) if "eval" not in x]
+    steady = recs[len(recs) // 2:]  # after compilation / allocator warm-up
+    per_iter = sum(x["seconds"] for x in steady) / len(steady)
+    # evaluations take ~eval_iters forward passes of a global batch every eval_interval steps
+    eval_share = p.eval_iters / (3 * p.eval_interval)
+    iters = max(2, int(p.teacher_seconds / (per_iter * (1 + eval_share))))
+    r.say(f"  probe: {per_iter * 1000:.0f} ms/iteration -> {iters} iterations in "
+          f"{p.teacher_seconds:.0f} s")
+    log = r.work / "teacher.jsonl"
+    log.unlink(missing_ok=True)
+    t0 = time.time()
+    r.run("teacher", _teacher_flags(p, data, iters) + [
+        "--log-interval", 10, "--log-json", log, "--save", r.work / "teacher",
+        "--eval-interval", max(1, iters // 8), "--eval-iters", p.eval_iters,
+        "--exit-duration-in-mins", 1.05 * p.teacher_seconds / 60])
+    recs = [x for x in _jsonl(log) if "eval" not in x]
+    done = recs[-1]["iteration"]
+    train_s = sum(x["seconds"] * n for x, n in zip(recs, _window_sizes(recs)))
+    return {"iterations": done, "planned_iterations": iters, "ms_per_iteration": per_iter * 1e3,
+            "tokens": done * p.teacher_global_batch * p.seq_length,
+            "train_seconds": train_s, "process_seconds": time.time() - t0, "log": log}
+
+
+def _window_sizes(recs: list) -> list:
+    prev, out = 0, []
+    for x in recs:
+        out.append(x["iteration"] - prev)
+        prev = x["iteration"]
+    return out
+
+
+def _jsonl(path: Path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- 3. prune
+def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str]) -> dict:
+    teacher = r.work / "teacher"
+    scores = {}
+    jobs = {}
+    for m in methods:
+        if m in ("activation", "taylor"):
+            scores[m] = r.work / f"scores_{m}.pt"
+            jobs[f"importance_{m}"] = CLI + [
+                "importance", "--load", teacher, "--data", data["calibration"],
+                "--importance", m, "--samples", p.calib_samples, "--seq-length", p.seq_length,
+                "--micro-batch-size", 4, "--save", scores[m], "--force"]
+    r.run_many(jobs, parallel=2)
+    s, t = p.student, p.teacher
+    jobs = {}
+    for m in methods:
+        flags = ["--importance", m, "--seed", 0]
+        if m in scores:
+            flags += ["--scores", scores[m]]
+        if m == "magnitude":
+            # weight norms say nothing about a whole layer; drop, without data, the layers
+            # just before the last (the deep layers are the most redundant: Gromov et al. 2024)
+            flags += ["--drop-layers", ",".join(str(i) for i in range(
+                s.layers - 1, t.layers - 1))]
+        else:
+            flags += ["--num-layers-remain", s.layers]
+        jobs[f"prune_{m}"] = CLI + [
+            "prune", "--load", teacher, "--save", r.work / f"pruned_{m}",
+            "--hidden-size-remain", s.hidden, "--num-attention-heads-remain", s.heads,
+            "--num-query-groups-remain", s.groups, "--ffn-hidden-size-remain", s.ffn,
+            "--force", *flags]
+    r.run_many(jobs, parallel=4)
+    return {m: r.work / f"pruned_{m}" for m in methods}
+
+
+# ---------------------------------------------------------------------------- 4. recover
+def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: List[str]):
+    def flags(name: str, lr: float) -> list:
+        return ["--seq-length", p.seq_length, "--micro-batch-size", p.recover_micro_batch,
+                "--global-batch-size", p.recover_global_batch, "--train-iters", p.recover_iters,
+                "--lr", lr, "--min-lr", lr / 10, "--lr-warmup-iters", max(1, p.recover_iters // 10),
+                "--lr-decay-style", "cosine", "--weight-decay", 0.1, "--clip-grad", 1.0,
+                "--seed", 4321, "--log-interval", max(1, p.recover_iters // 40),
+                "--eval-interval", p.eval_interval, "--eval-iters", p.eval_iters,
+                "--save", r.work / "recovered" / name, "--log-json", r.work / f"{name}.jsonl",
+                *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
+
+    jobs = {}
+    for m, path in pruned.items():
+        jobs[f"{m}_lm"] = TRAIN + ["--pretrained-checkpoint", path] + flags(f"{m}_lm", p.recover_lr)
+        if m in kd_methods:
+            jobs[f"{m}_kd"] = TRAIN + ["--pretrained-checkpoint", path, "--teacher",
+                                       r.work / "teacher", "--kd-temperature", p.kd_temperature
+                                       ] + flags(f"{m}_kd", p.recover_lr)
+    shape_from = next(iter(pruned.values()))
+    jobs["scratch"] = TRAIN + ["--init", "random", "--pretrained-checkpoint", shape_from] + \
+        flags("scratch", p.scratch_lr)
+    # longest first: distillation runs carry the teacher's forward pass
+    order = sorted(jobs, key=lambda n: (not n.endswith("_kd"), n))
+    for name in jobs:
+        (r.work / f"{name}.jsonl").unlink(missing_ok=True)
+    return {n: jobs[n] for n in order}
+
+
+# ---------------------------------------------------------------------------- 5. evaluate
+def evaluate_all(r: Runner, p: Protocol, data: dict, models: Dict[str, Path]) -> dict:
+    """Perplexity of every checkpoint on the held-out books and WikiText-2, in this process
+    (the text is tokenized once)."""
+    import torch
+
+    from megatron_prune.calibration import load_tokenizer
+    from megatron_prune.evaluate import token_windows, windows_perplexity
+    from megatron_prune.hf_model import load_hf_model
+    tok = load_tokenizer(data["tokenizer"])
+    sets = {"books": token_windows(tok, data["valid_rows"], p.seq_length, p.eval_tokens),
+            "wikitext2": token_windows(tok, data["wikitext"], p.seq_length, p.eval_tokens)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name, path in models.items():
+        model = load_hf_model(path, device=device, dtype=torch.float32)
+        params = sum(x.numel() for x in model.parameters())
+        res = {k: windows_perplexity(model, w, batch_size=8) for k, w in sets.items()}
+        out[name] = {"params": params, **{k: v.value for k, v in res.items()},
+                     "tokens": {k: v.count for k, v in res.items()}}
+        r.say(f"  {name:>18}: {params / 1e6:6.1f} M params | held-out books ppl "
+              f"{out[name]['books']:9.2f} | WikiText-2 ppl {out[name]['wikitext2']:9.2f}")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def goals(p: Protocol, ev: dict, teacher: dict) -> list:
+    """(goal, measured, met) rows of issue 7."""
+    rows = []
+    t = ev["teacher"]["books"]
+
+    def have(*names):
+        return all(n in ev for n in names)
+
+    rows.append(("teacher trained to at least the reference's quality (held-out ppl <= 49.7) "
+                 f"in {p.teacher_seconds:.0f} s", f"{t:.2f} after {teacher['tokens'] / 1e6:.1f} M "
+                 "tokens", t <= REFERENCE["teacher"]))
+    rec_tokens = p.recover_iters * p.recover_global_batch * p.seq_length
+    rows.append(("recovery tokens <= 1/6 of the teacher's",
+                 f"{rec_tokens / 1e6:.2f} M vs {teacher['tokens'] / 6e6:.2f} M",
+                 rec_tokens <= teacher["tokens"] / 6))
+    if have("activation_kd"):
+        kd = ev["activation_kd"]["books"]
+        rows.append(("activation + KD within 3% of the teacher", f"{kd:.2f} vs {t:.2f} "
+                     f"({100 * (kd / t - 1):+.1f}%)", kd <= 1.03 * t))
+        if have("scratch"):
+            s = ev["scratch"]["books"]
+            rows.append(("activation + KD >= 60% below random init at equal tokens",
+                         f"{kd:.2f} vs {s:.2f} ({100 * (1 - kd / s):.0f}% below)", kd <= 0.4 * s))
+    if have("random_pruned", "activation_pruned"):
+        a, b = ev["random_pruned"]["books"], ev["activation_pruned"]["books"]
+        rows.append(("right after pruning: random masks >= 1.5x activation",
+                     f"{a:.1f} vs {b:.1f} ({a / b:.2f}x)", a >= 1.5 * b))
+    for kind in ("lm", "kd"):
+        if have(f"random_{kind}", f"activation_{kind}"):
+            a, b = ev[f"random_{kind}"]["books"], ev[f"activation_{kind}"]["books"]
+            rows.append((f"after recovery ({kind.upper()}): random masks worse than activation",
+                         f"{a:.2f} vs {b:.2f}", a > b))
+    return rows
+
+
+def _label(name: str) -> str:
+    if name in ("teacher", "scratch"):
+        return {"teacher": "teacher (unpruned)", "scratch": "random init, pruned shape"}[name]
+    method, kind = name.rsplit("_", 1)
+    return {"pruned": f"{method}: pruned, no training", "lm": f"{method} + LM loss",
+            "kd": f"{method} + distillation"}[kind]
+
+
+def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
+                 logs: Dict[str, Path]) -> None:
+    rec_tokens = p.recover_iters * p.recover_global_batch * p.seq_length
+    lines = [f"# prune -> recover benchmark ({meta['date']})", "",
+             f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, "
+             f"commit {meta['commit']}", "",
+             f"Teacher: {p.teacher.layers} layers, hidden {p.teacher.hidden}, "
+             f"{p.teacher.heads} heads / {p.teacher.groups} groups, FFN {p.teacher.ffn}, "
+             f"{ev['teacher']['params'] / 1e6:.1f} M parameters; {teacher['iterations']} "
+             f"iterations x {p.teacher_global_batch} x {p.seq_length} = "
+             f"{teacher['tokens'] / 1e6:.1f} M tokens in {teacher['train_seconds']:.0f} s of "
+             f"training ({meta['train_books']} books; held out: {', '.join(meta['valid_books'])}).",
+             f"Pruned shape: {p.student.layers} layers, hidden {p.student.hidden}, "
+             f"{p.student.heads} heads / {p.student.groups} groups, FFN {p.student.ffn}. "
+             f"Every recovery: {p.recover_iters} iterations x {p.recover_global_batch} x "
+             f"{p.seq_length} = {rec_tokens / 1e6:.2f} M tokens, the same samples in the same "
+             f"order (LR {p.recover_lr:g}, random init {p.scratch_lr:g}, cosine, 10% warmup).",
+             "", "| model | parameters | held-out books ppl | WikiText-2 ppl |",
+             "|---|---|---|---|"]
+    for name, e in ev.items():
+        lines.append(f"| {_label(name)} | {e['params'] / 1e6:.1f} M | {e['books']:.2f} | "
+                     f"{e['wikitext2']:.2f} |")
+    lines += ["", "| goal (issue 7) | measured | met |", "|---|---|---|"]
+    for goal, measured, met in goals(p, ev, teacher):
+        lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}"
+                                                 for k, v in meta["stages"].items()), ""]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"protocol": dataclasses.asdict(p), "meta": meta, "teacher": {
+            k: v for k, v in teacher.items() if k != "log"}, "eval": ev,
+         "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher)]},
+        indent=2, default=str))
+    _plot(out, logs, teacher["log"], p)
+
+
+def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, path in logs.items():
+        recs = _jsonl(path)
+        train = [x for x in recs if "eval" not in x]
+        val = [x for x in recs if x.get("eval") == "validation"]
+        tok = p.recover_global_batch * p.seq_length / 1e6
+        style = "--" if name.endswith("_lm") else "-" if name.endswith("_kd") else ":"
+        axes[0].plot([x["iteration"] * tok for x in train], [x["lm_loss"] for x in train],
+                     style, label=_label(name), lw=1)
+        axes[1].plot([x["iteration"] * tok for x in val], [x["ppl"] for x in val], style,
+                     marker="o", ms=3, label=_label(name), lw=1)
+    axes[0].set(xlabel="tokens (M)", ylabel="training LM loss", title="recovery: training")
+    axes[1].set(xlabel="tokens (M)", ylabel="held-out books perplexity", yscale="log",
+                title="recovery: validation")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "recover_curves.png", dpi=110)
+    recs = _jsonl(teacher_log)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    tok = p.teacher_global_batch * p.seq_length / 1e6
+    train = [x for x in recs if "eval" not in x]
+    val = [x for x in recs if x.get("eval") == "validation"]
+    ax.plot([x["iteration"] * tok for x in train], [x["lm_loss"] for x in train], label="train")
+    ax.plot([x["iteration"] * tok for x in val], [x["lm_loss"] for x in val], "o-",
+            label="held-out books")
+    ax.set(xlabel="tokens (M)", ylabel="LM loss", title="teacher pretraining")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "teacher_curve.png", dpi=110)
+
+
+def _meta(args, data: dict, stages: dict) -> dict:
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({os.cpu_count()} cores)")
+    return {"date": datetime.date.today().isoformat(), "device": device,
+            "torch": torch.__version__, "commit": commit,
+            "command": "python bench/prune_recover.py " + " ".join(sys.argv[1:]),
+            "train_books": data["train_books"], "valid_books": data["valid_books"],
+            "stages": stages}
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--out", required=True, help="results.md/.json and plots go here")
+    ap.add_argument("--work", default=None, help="checkpoints and logs (default: OUT/work)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"),
+                    help="the shared data folder (Gutenberg, Llama-2 tokenizer, WikiText-2)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-sized: minutes")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--kd-methods", default=",".join(METHODS),
+                    help="methods recovered with distillation too (default: all)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="recovery runs at once on the GPU (default 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(),
+                    help="tokenizer processes")
+    for f in ("teacher_seconds", "recover_iters", "recover_lr", "scratch_lr", "teacher_lr",
+              "calib_samples", "eval_tokens"):
+        kind = type(getattr(Protocol(), f))
+        ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per model instead of progress bars
+    p = smoke_protocol() if a.smoke else Protocol()
+    if not _cuda():
+        p.bf16 = False
+    for f in ("teacher_seconds", "recover_iters", "recover_lr", "scratch_lr", "teacher_lr",
+              "calib_samples", "eval_tokens"):
+        if getattr(a, f) is not None:
+            setattr(p, f, getattr(a, f))
+    methods = [m for m in a.methods.split(",") if m]
+    kd_methods = [m for m in a.kd_methods.split(",") if m]
+    if not set(methods) <= set(METHODS) or not set(kd_methods) <= set(methods):
+        raise SystemExit(f"--methods/--kd-methods: choose from {METHODS} (KD ones among "
+                         "--methods)")
+    data_dir = Path(a.data)
+    if not (data_dir / "corpus" / "gutenberg_en.tar.xz").is_file():
+        raise SystemExit(f"--data {data_dir}: no corpus/gutenberg_en.tar.xz")
+    out = Path(a.out)
+    work = Path(a.work) if a.work else out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True)
+    (work / "recovered").mkdir()
+    out.mkdir(parents=True, exist_ok=True)
+    r = Runner(work, out / "run.log")
+    (out / "run.log").write_text("")
+    t_start = time.time()
+    with r.stage("data"):
+        data = prepare_data(r, p, data_dir, a.workers)
+    with r.stage("teacher"):
+        teacher = train_teacher(r, p, data)
+    r.say(f"  teacher: {teacher['iterations']} iterations, {teacher['tokens'] / 1e6:.1f} M "
+          f"tokens, {teacher['train_seconds']:.0f} s of training")
+    with r.stage("importance + prune"):
+        pruned = prune_all(r, p, data, methods)
+    jobs = recovery_jobs(r, p, data, pruned, kd_methods)
+    with r.stage("recover"):
+        r.run_many(jobs, parallel=a.jobs or (3 if _cuda() else 1))
+    models = {"teacher": work / "teacher"}
+    models.update({f"{m}_pruned": path for m, path in pruned.items()})
+    for m in methods:
+        models[f"{m}_lm"] = work / "recovered" / f"{m}_lm"
+        if m in kd_methods:
+            models[f"{m}_kd"] = work / "recovered" / f"{m}_kd"
+    models["scratch"] = work / "recovered" / "scratch"
+    with r.stage("evaluate"):
+        ev = evaluate_all(r, p, data, models)
+    r.stage_seconds["total"] = time.time() - t_start
+    meta = _meta(a, data, r.stage_seconds)
+    write_report(out, p, meta, teacher, ev, {n: work / f"{n}.jsonl" for n in jobs})
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
