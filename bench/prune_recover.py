@@ -482,11 +482,13 @@ def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol) -> N
 
 def _meta(args, data: dict, stages: dict) -> dict:
     import torch
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
+    commit = os.environ.get("BENCH_COMMIT")  # a copy of the tree without .git names it
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip() or "?"
+        except OSError:
+            commit = "?"
     device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
               else f"CPU ({os.cpu_count()} cores)")
     return {"date": datetime.date.today().isoformat(), "device": device,
