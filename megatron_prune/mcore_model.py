@@ -373,7 +373,9 @@ def transformer_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, tp:
         use_cpu_initialization=not cuda,
         attention_softmax_in_fp32=True,
         # Fused kernels: jit-fused SwiGLU / bias-dropout-add on GPU only; the others need
-        # Apex/TE kernels, which this project does not require.
+        # Apex/TE kernels, which this project does not require. (Training turns on
+        # gradient_accumulation_fusion through its overrides, with train.fusions' stand-in for
+        # Apex's kernel: it needs megatron DDP's main_grad, which only training has.)
         bias_activation_fusion=cuda, bias_dropout_fusion=cuda,
         masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

@@ -40,6 +40,7 @@ class ModelArgs:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     loss_chunk_tokens: int = 2048             # fused output layer + loss, tokens per chunk
+    fused_kernels: bool = True                # fusions.py: on CUDA without TE/Apex only
 
 
 @dataclass
@@ -250,6 +251,10 @@ def _flags():
         ("--loss-chunk-tokens", "model", "loss_chunk_tokens", dict(type=I,
             help="tokens per chunk of the fused output layer + cross-entropy (default 2048): "
                  "the [tokens x vocab] logits never exist at once")),
+        ("--no-fused-kernels", "model", "fused_kernels", dict(action="store_false",
+            help="local spec on CUDA without Transformer Engine/Apex: keep megatron-core's "
+                 "unfused weight-gradient accumulation, RoPE and RMSNorm (by default fused: "
+                 "one addmm into main_grad, compiled RoPE and RMSNorm)")),
         # parallelism
         ("--tensor-model-parallel-size", "parallel", "tensor_model_parallel_size", dict(type=I)),
         ("--pipeline-model-parallel-size", "parallel", "pipeline_model_parallel_size",

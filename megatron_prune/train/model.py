@@ -3,8 +3,10 @@
 * `resolve_model(...)`  which shape to build and where its weights come from (a checkpoint of
                         either parameter naming at any TP/PP, or a random init of given shape);
 * `build_piece(...)`    this rank's piece, with SDPA core attention on the local spec, recompute
-                        settings, and its output layer bypassed (the last stage returns hidden
-                        states; `loss.fused_output_loss` applies the output weight chunk-wise);
+                        settings, `fusions` (fused wgrad accumulation, RoPE, RMSNorm) on GPUs
+                        without TE/Apex, and its output layer bypassed (the last stage returns
+                        hidden states; `loss.fused_output_loss` applies the output weight
+                        chunk-wise);
 * `output_weight(...)`, `output_hidden(...)`  what the loss needs from the last stage.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .. import layout, mcore_model
 from ..config import ConfigError, ModelConfig
 from ..hf_checkpoint import model_tokenizer_dir
 from ..megatron_checkpoint import TRACKER, LegacyCheckpoint, checkpoint_format
-from . import sdpa_attention
+from . import fusions, sdpa_attention
 from .arguments import ModelArgs, ParallelArgs
 
 log = logging.getLogger(__name__)
@@ -106,12 +108,19 @@ def _return_hidden(self, input_, weight=None, runtime_gather_output=None):
 def build_piece(cfg: ModelConfig, *, m: ModelArgs, p: ParallelArgs, dtype: torch.dtype,
                 impl: str, divisible_by: int):
     """This rank's GPTModel piece (not yet wrapped in DDP), weights randomly initialised."""
+    overrides = config_overrides(m, p, cfg, impl)
+    fused = fusions.install() if m.fused_kernels and impl == layout.LOCAL and \
+        fusions.wanted() else {}
+    if fused.get("wgrad"):  # needs megatron DDP's main_grad: training only
+        overrides["gradient_accumulation_fusion"] = True
     model = mcore_model.build_gpt_model(
         cfg, impl=impl, dtype=dtype, first=p.decoder_first_pipeline_num_layers,
         last=p.decoder_last_pipeline_num_layers, divisible_by=divisible_by,
-        config_overrides=config_overrides(m, p, cfg, impl))
+        config_overrides=overrides)
     if impl == layout.LOCAL and m.core_attention in ("auto", "sdpa"):
         sdpa_attention.use_sdpa(model)
+    if fused.get("rms_norm"):
+        fusions.use_fused_rms_norm(model)
     if model.post_process:
         model.output_layer.forward = types.MethodType(_return_hidden, model.output_layer)
     return model
