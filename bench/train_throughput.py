@@ -12,6 +12,9 @@ Measures, in one run on one GPU:
      micro-batches 2, 4, 8, each in a fresh process;
   4. both again at their best micro-batch with 8 micro-batches of gradient accumulation per
      optimizer step (how recovery training runs).
+`--ours-variants fused,unfused` runs ours twice at each of those points: as is (`fused`: the
+fused kernels of megatron_prune.train.fusions, on by default without TE/Apex) and with
+`--no-fused-kernels` (`unfused`), side by side.
 Shape: the issue's 1.1B Llama (16 layers, hidden 2048, 32 heads / 8 KV groups, FFN 8192,
 vocab 32000, untied), seq 2048. FLOPs per token: 6 N + 12 L h s (N without the input
 embedding), the same count for both. MFU = TFLOP/s / the measured matmul ceiling.
@@ -149,9 +152,13 @@ def run_hf(out_dir: Path, micro_batches, accum, iters, warmup) -> list:
 
 
 # ---------------------------------------------------------------------------- 3. ours
+OURS_VARIANTS = {"fused": [], "unfused": ["--no-fused-kernels"]}
+
+
 def run_ours(out_dir: Path, mbs: int, accum: int, iters: int, warmup: int,
              extra=()) -> dict:
-    log = out_dir / f"ours_mbs{mbs}_accum{accum}.jsonl"
+    tag = "".join("_" + str(f).strip("-") for f in extra)
+    log = out_dir / f"ours_mbs{mbs}_accum{accum}{tag}.jsonl"
     log.unlink(missing_ok=True)
     flags = ["--init", "random", "--num-layers", SHAPE["num_layers"],
              "--hidden-size", SHAPE["hidden_size"], "--ffn-hidden-size", SHAPE["ffn_hidden_size"],
@@ -265,9 +272,9 @@ def table(rows, ceiling, device, fpt) -> str:
     return "\n".join(lines)
 
 
-def best(rows, system, accum):
+def best(rows, system, accum, flags=""):
     ok = [r for r in rows if r["system"] == system and r["accum"] == accum
-          and "tokens_per_s" in r and not r.get("flags")]
+          and "tokens_per_s" in r and r.get("flags", "") == flags]
     return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
 
 
@@ -279,6 +286,9 @@ def main(argv=None) -> int:
                    help="per-run logs (default: OUT/raw)")
     p.add_argument("--hf-micro-batches", default="1,2,4,8")
     p.add_argument("--ours-micro-batches", default="2,4,8")
+    p.add_argument("--ours-variants", default="fused",
+                   help="comma-separated, each run at every point: fused (as is), unfused "
+                        "(--no-fused-kernels)")
     p.add_argument("--accum", type=int, default=8, help="accumulation of the second round")
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
@@ -335,6 +345,12 @@ def main(argv=None) -> int:
                     f"accumulation {accum}: ours {100 * o['mfu']:.1f}% MFU at micro-batch "
                     f"{o['micro_batch']} vs HF {100 * h['mfu']:.1f}% at micro-batch "
                     f"{h['micro_batch']}: {o['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+            u = best(rows, "ours", accum, " ".join(OURS_VARIANTS["unfused"]))
+            if o and u:
+                summary.append(
+                    f"accumulation {accum}: ours fused {100 * o['mfu']:.1f}% MFU (micro-batch "
+                    f"{o['micro_batch']}) vs --no-fused-kernels {100 * u['mfu']:.1f}% (micro-"
+                    f"batch {u['micro_batch']}): {o['tokens_per_s'] / u['tokens_per_s']:.2f}x")
         text += "\n\n" + "\n".join(summary)
         (out / "results.md").write_text(text + "\n")
         (out / "results.json").write_text(json.dumps(
@@ -342,18 +358,23 @@ def main(argv=None) -> int:
              "loss_memory": mem_rows}, indent=1))
         return text
 
+    variants = [OURS_VARIANTS[v] for v in a.ours_variants.split(",")]
     for mbs in [int(x) for x in a.ours_micro_batches.split(",")]:
-        rows.append(run_ours(raw, mbs, 1, a.iters, a.warmup))
-        report()
-        if rows[-1].get("oom") or rows[-1].get("error"):
+        for extra in variants:
+            rows.append(run_ours(raw, mbs, 1, a.iters, a.warmup, extra))
+            report()
+        if any(r.get("oom") or r.get("error") for r in rows[-len(variants):]):
             break
     rows += run_hf(raw, [int(x) for x in a.hf_micro_batches.split(",")], 1, a.iters, a.warmup)
     report()
     if a.accum > 1:
-        ours_best, hf_best = best(rows, "ours", 1), best(rows, "hf", 1)
+        ours_best = best(rows, "ours", 1, " ".join(variants[0]))
+        hf_best = best(rows, "hf", 1)
         if ours_best:
-            rows.append(run_ours(raw, ours_best["micro_batch"], a.accum, max(2, a.iters // 2), 1))
-            report()
+            for extra in variants:
+                rows.append(run_ours(raw, ours_best["micro_batch"], a.accum,
+                                     max(2, a.iters // 2), 1, extra))
+                report()
         if hf_best:
             rows += run_hf(raw, [hf_best["micro_batch"]], a.accum, max(2, a.iters // 2), 1)
             report()
