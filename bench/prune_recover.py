@@ -28,12 +28,12 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,21 +128,31 @@ class Runner:
     def run(self, name: str, argv: List[str]) -> None:
         self.finish(self.start(name, argv))
 
-    def run_many(self, jobs: Dict[str, List[str]], parallel: int) -> None:
-        """Run the jobs, at most `parallel` at a time (they share the GPU)."""
-        pending, running = list(jobs.items()), []
+    def run_many(self, jobs: Dict[str, List[str]], parallel: int,
+                 optional: tuple = (), deadline: Optional[float] = None) -> list:
+        """Run the jobs, at most `parallel` at a time (they share the GPU). A job named in
+        `optional` is skipped when, judged by the longest finished job, it would end after
+        `deadline` (a time.time()). Returns the names of the skipped jobs."""
+        pending, running, skipped, took = list(jobs.items()), [], [], {}
         while pending or running:
             while pending and len(running) < parallel:
                 name, argv = pending.pop(0)
+                longest = max(took.values(), default=0.0)
+                if name in optional and deadline and time.time() + longest > deadline:
+                    self.say(f"  skip  {name}: it would end after the time budget")
+                    skipped.append(name)
+                    continue
                 self.say(f"  start {name}")
-                running.append(self.start(name, argv))
+                running.append((*self.start(name, argv), time.time()))
             done = [j for j in running if j[0].poll() is not None]
             for j in done:
                 running.remove(j)
-                self.finish(j)
-                self.say(f"  done  {j[2]}")
+                self.finish(j[:3])
+                took[j[2]] = time.time() - j[3]
+                self.say(f"  done  {j[2]} ({took[j[2]]:.0f} s)")
             if not done:
                 time.sleep(0.5)
+        return skipped
 
     def stage(self, name: str):
         runner = self
@@ -174,7 +184,7 @@ def prepare_data(r: Runner, p: Protocol, data_dir: Path, workers: int) -> dict:
     from megatron_prune.tokenizers import write_hf_sentencepiece_dir
     d = r.work / "data"
     d.mkdir(exist_ok=True)
-    spm = data_dir / "tokenizers" / "llama2" / "tokenizer.model"
+    spm = _spm(data_dir)
     books = list(iter_gutenberg_archive(data_dir / "corpus" / "gutenberg_en.tar.xz"))
     train, valid = split_holdout(books, p.valid_books)
     if p.train_books:
@@ -211,8 +221,8 @@ def _write_calibration(path: Path, train: list, p: Protocol) -> None:
 
 # ---------------------------------------------------------------------------- 2. teacher
 def _data_flags(data: dict) -> list:
-    return ["--train-data-path", data["train"], "--valid-data-path", data["valid"],
-            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", data["spm"]]
+    return ["--train-data-path", data["train"], "--valid-data-path", data.get("valid"),
+            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", data.get("spm")]
 
 
 def _teacher_flags(p: Protocol, data: dict, iters: int) -> list:
@@ -230,11 +240,26 @@ def _teacher_flags(p: Protocol, data: dict, iters: int) -> list:
         *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
 
 
-def train_teacher(r: Runner, p: Protocol, data: dict) -> dict:
+def start_probe(r: Runner, p: Protocol, data_dir: Path):
+    """The teacher's recipe for a few iterations on megatron-core's mock data, to time an
+    iteration; runs while the corpus is tokenized."""
     probe = r.work / "teacher_probe.jsonl"
-    probe.unlink(missing_ok=True)
-    r.run("teacher_probe", _teacher_flags(p, data, p.teacher_probe_iters) + [
+    flags = _teacher_flags(p, {"train": None}, p.teacher_probe_iters)
+    i = flags.index("--train-data-path")
+    flags[i:i + 4] = ["--mock-data"]
+    flags[flags.index("--tokenizer-model") + 1] = _spm(data_dir)
+    r.say("  start teacher_probe (mock data)")
+    return r.start("teacher_probe", flags + [
         "--log-interval", max(1, p.teacher_probe_iters // 6), "--log-json", probe])
+
+
+def _spm(data_dir: Path) -> Path:
+    return data_dir / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+def train_teacher(r: Runner, p: Protocol, data: dict, probe_job) -> dict:
+    r.finish(probe_job)
+    probe = r.work / "teacher_probe.jsonl"
     recs = [x for x in _jsonl(probe) if "eval" not in x]
     steady = recs[len(recs) // 2:]  # after compilation / allocator warm-up
     per_iter = sum(x["seconds"] for x in steady) / len(steady)
@@ -327,11 +352,12 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
     shape_from = next(iter(pruned.values()))
     jobs["scratch"] = TRAIN + ["--init", "random", "--pretrained-checkpoint", shape_from] + \
         flags("scratch", p.scratch_lr)
-    # longest first: distillation runs carry the teacher's forward pass
-    order = sorted(jobs, key=lambda n: (not n.endswith("_kd"), n))
-    for name in jobs:
-        (r.work / f"{name}.jsonl").unlink(missing_ok=True)
-    return {n: jobs[n] for n in order}
+    # the runs the goals compare first (distillation first: it carries the teacher's forward
+    # pass), then the rest, which a time budget may skip
+    first = ["activation_kd", "random_kd", "activation_lm", "random_lm", "scratch"]
+    order = [n for n in first if n in jobs] + sorted(
+        (n for n in jobs if n not in first), key=lambda n: (n.endswith("_kd"), n))
+    return {n: jobs[n] for n in order}, [n for n in order if n not in first]
 
 
 # ---------------------------------------------------------------------------- 5. evaluate
@@ -343,9 +369,12 @@ def evaluate_all(r: Runner, p: Protocol, data: dict, models: Dict[str, Path]) ->
     from megatron_prune.calibration import load_tokenizer
     from megatron_prune.evaluate import token_windows, windows_perplexity
     from megatron_prune.hf_model import load_hf_model
-    tok = load_tokenizer(data["tokenizer"])
-    sets = {"books": token_windows(tok, data["valid_rows"], p.seq_length, p.eval_tokens),
+    if "_windows" not in data:  # tokenized once for every call
+        tok = load_tokenizer(data["tokenizer"])
+        data["_windows"] = {
+            "books": token_windows(tok, data["valid_rows"], p.seq_length, p.eval_tokens),
             "wikitext2": token_windows(tok, data["wikitext"], p.seq_length, p.eval_tokens)}
+    sets = data["_windows"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for name, path in models.items():
@@ -406,6 +435,19 @@ def _label(name: str) -> str:
             "kd": f"{method} + distillation"}[kind]
 
 
+def _ordered(ev: dict) -> list:
+    """teacher, then each method's pruned / + LM / + KD rows, then random init."""
+    rank = {"teacher": (0, 0, ""), "scratch": (2, 0, "")}
+    kinds = {"pruned": 0, "lm": 1, "kd": 2}
+
+    def key(name):
+        if name in rank:
+            return rank[name]
+        method, kind = name.rsplit("_", 1)
+        return (1, METHODS.index(method) if method in METHODS else 9, kinds[kind])
+    return sorted(ev.items(), key=lambda kv: key(kv[0]))
+
+
 def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
                  logs: Dict[str, Path]) -> None:
     rec_tokens = p.recover_iters * p.recover_global_batch * p.seq_length
@@ -425,12 +467,15 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
              f"order (LR {p.recover_lr:g}, random init {p.scratch_lr:g}, cosine, 10% warmup).",
              "", "| model | parameters | held-out books ppl | WikiText-2 ppl |",
              "|---|---|---|---|"]
-    for name, e in ev.items():
+    for name, e in _ordered(ev):
         lines.append(f"| {_label(name)} | {e['params'] / 1e6:.1f} M | {e['books']:.2f} | "
                      f"{e['wikitext2']:.2f} |")
     lines += ["", "| goal (issue 7) | measured | met |", "|---|---|---|"]
     for goal, measured, met in goals(p, ev, teacher):
         lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+    if meta.get("skipped"):
+        lines += ["", "Not run (they would have ended after `--time-budget`): "
+                  + ", ".join(_label(n) for n in meta["skipped"]) + "."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}"
                                                  for k, v in meta["stages"].items()), ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -513,8 +558,13 @@ def parse_args(argv=None):
                     help="methods recovered with distillation too (default: all)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="recovery runs at once on the GPU (default 3 on CUDA, 1 on CPU)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count(),
-                    help="tokenizer processes")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4),
+                    help="tokenizer processes (default: all cores but 4, which the teacher's "
+                         "timing probe uses meanwhile)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds from the start by which the recoveries must end: skip the "
+                         "optional ones (beyond the runs the goals compare) that would end "
+                         "later; the report lists them")
     for f in ("teacher_seconds", "recover_iters", "recover_lr", "scratch_lr", "teacher_lr",
               "calib_samples", "eval_tokens"):
         kind = type(getattr(Protocol(), f))
@@ -551,28 +601,35 @@ def main(argv=None) -> int:
     (out / "run.log").write_text("")
     t_start = time.time()
     with r.stage("data"):
+        probe = start_probe(r, p, data_dir)
         data = prepare_data(r, p, data_dir, a.workers)
     with r.stage("teacher"):
-        teacher = train_teacher(r, p, data)
+        teacher = train_teacher(r, p, data, probe)
     r.say(f"  teacher: {teacher['iterations']} iterations, {teacher['tokens'] / 1e6:.1f} M "
           f"tokens, {teacher['train_seconds']:.0f} s of training")
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods)
-    jobs = recovery_jobs(r, p, data, pruned, kd_methods)
-    with r.stage("recover"):
-        r.run_many(jobs, parallel=a.jobs or (3 if _cuda() else 1))
+    jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods)
     models = {"teacher": work / "teacher"}
     models.update({f"{m}_pruned": path for m, path in pruned.items()})
-    for m in methods:
-        models[f"{m}_lm"] = work / "recovered" / f"{m}_lm"
-        if m in kd_methods:
-            models[f"{m}_kd"] = work / "recovered" / f"{m}_kd"
-    models["scratch"] = work / "recovered" / "scratch"
+    early: dict = {}
+    # the teacher and the pruned models are scored while the recoveries train
+    scorer = threading.Thread(target=lambda: early.update(evaluate_all(r, p, data, models)))
+    with r.stage("recover"):
+        scorer.start()
+        deadline = t_start + a.time_budget if a.time_budget else None
+        skipped = r.run_many(jobs, parallel=a.jobs or (3 if _cuda() else 1),
+                             optional=tuple(optional), deadline=deadline)
     with r.stage("evaluate"):
-        ev = evaluate_all(r, p, data, models)
+        scorer.join()
+        if len(early) != len(models):
+            raise SystemExit("scoring the teacher and the pruned models failed (see above)")
+        done = {n: work / "recovered" / n for n in jobs if n not in skipped}
+        ev = {**early, **evaluate_all(r, p, data, done)}
     r.stage_seconds["total"] = time.time() - t_start
     meta = _meta(a, data, r.stage_seconds)
-    write_report(out, p, meta, teacher, ev, {n: work / f"{n}.jsonl" for n in jobs})
+    meta["skipped"] = skipped
+    write_report(out, p, meta, teacher, ev, {n: work / f"{n}.jsonl" for n in done})
     print((out / "results.md").read_text())
     return 0
 
