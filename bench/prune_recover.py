@@ -1,6 +1,6 @@
 """The prune -> recover quality benchmark (issue 7), through the project's own commands.
 
-One run, on one GPU machine (about 10 minutes on an H100), or on the CPU with `--smoke`:
+One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smoke`:
 
 1. data      the Gutenberg books of ../shared/data (header/footer stripped), the last 5 by file
              name held out; both tokenized with the Llama-2 tokenizer (`megatron-prune
@@ -14,12 +14,13 @@ One run, on one GPU machine (about 10 minutes on an H100), or on the CPU with `-
              9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
 4. recover   every pruned model with the same token budget, with the LM loss and with
              distillation from the teacher (`--teacher`), and a random-init model of the pruned
-             shape on the same tokens; `--jobs` runs share the GPU.
+             shape on the same tokens; `--jobs` runs share a GPU, and on a machine of
+             several GPUs they spread over all of them (`--gpus`).
 5. evaluate  perplexity on the held-out books and WikiText-2 validation (windows of the
              sequence length), right after pruning and after recovery -> results.md/.json,
              recover_curves.png, teacher_curve.png in --out.
 
-usage: python bench/prune_recover.py --out results/ [--work /tmp/prune_recover]
+usage: python bench/prune_recover.py --out results/ --time-budget 480   # one H100: < 10 min
        python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
 """
 from __future__ import annotations
@@ -95,8 +96,8 @@ def smoke_protocol() -> Protocol:
 class Runner:
     """Runs the project's commands as subprocesses, each logging to its own file."""
 
-    def __init__(self, work: Path, log: Path):
-        self.work, self.log = work, log
+    def __init__(self, work: Path, log: Path, gpus: int = 0):
+        self.work, self.log, self.gpus = work, log, gpus
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
                         PYTHONPATH=os.pathsep.join([str(ROOT)] + [
                             p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -109,10 +110,11 @@ class Runner:
         with open(self.log, "a") as f:
             f.write(line + "\n")
 
-    def start(self, name: str, argv: List[str]):
+    def start(self, name: str, argv: List[str], gpu: Optional[int] = None):
         out = open(self.work / "logs" / f"{name}.log", "w")
+        env = self.env if gpu is None else dict(self.env, CUDA_VISIBLE_DEVICES=str(gpu))
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=ROOT)
+                                env=env, cwd=ROOT)
         return proc, out, name
 
     def finish(self, job) -> None:
@@ -130,20 +132,26 @@ class Runner:
 
     def run_many(self, jobs: Dict[str, List[str]], parallel: int,
                  optional: tuple = (), deadline: Optional[float] = None) -> list:
-        """Run the jobs, at most `parallel` at a time (they share the GPU). A job named in
-        `optional` is skipped when, judged by the longest finished job, it would end after
-        `deadline` (a time.time()). Returns the names of the skipped jobs."""
+        """Run the jobs, at most `parallel` at a time on every GPU (jobs on one GPU share it;
+        each job goes to the GPU running the fewest). A job named in `optional` is skipped
+        when, judged by the longest finished job, it would end after `deadline` (a
+        time.time()). Returns the names of the skipped jobs."""
         pending, running, skipped, took = list(jobs.items()), [], [], {}
+        slots = max(1, self.gpus)
         while pending or running:
-            while pending and len(running) < parallel:
+            while pending and len(running) < parallel * slots:
                 name, argv = pending.pop(0)
                 longest = max(took.values(), default=0.0)
                 if name in optional and deadline and time.time() + longest > deadline:
                     self.say(f"  skip  {name}: it would end after the time budget")
                     skipped.append(name)
                     continue
-                self.say(f"  start {name}")
-                running.append((*self.start(name, argv), time.time()))
+                gpu = None
+                if self.gpus > 1:
+                    load = [sum(j[4] == g for j in running) for g in range(self.gpus)]
+                    gpu = load.index(min(load))
+                self.say(f"  start {name}" + (f" on GPU {gpu}" if gpu is not None else ""))
+                running.append((*self.start(name, argv, gpu), time.time(), gpu))
             done = [j for j in running if j[0].poll() is not None]
             for j in done:
                 running.remove(j)
@@ -172,6 +180,11 @@ class Runner:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count()
 
 
 CLI = [sys.executable, "-m", "megatron_prune"]
@@ -557,7 +570,10 @@ def parse_args(argv=None):
     ap.add_argument("--kd-methods", default=",".join(METHODS),
                     help="methods recovered with distillation too (default: all)")
     ap.add_argument("--jobs", type=int, default=None,
-                    help="recovery runs at once on the GPU (default 3 on CUDA, 1 on CPU)")
+                    help="recovery runs at once on each GPU (default 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="GPUs to spread importance and recovery runs over, one job list per "
+                         "GPU (default: all the machine has); the teacher trains on one")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4),
                     help="tokenizer processes (default: all cores but 4, which the teacher's "
                          "timing probe uses meanwhile)")
@@ -597,7 +613,8 @@ def main(argv=None) -> int:
     (work / "logs").mkdir(parents=True)
     (work / "recovered").mkdir()
     out.mkdir(parents=True, exist_ok=True)
-    r = Runner(work, out / "run.log")
+    gpus = a.gpus if a.gpus is not None else (_gpu_count() if _cuda() else 0)
+    r = Runner(work, out / "run.log", gpus)
     (out / "run.log").write_text("")
     t_start = time.time()
     with r.stage("data"):
