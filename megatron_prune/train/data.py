@@ -152,9 +152,9 @@ def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: Token
     blend = per_split = None
     if split_paths is not None and any(split_paths):
         flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
-        # a split nobody asks samples of (no evaluation) is not built
-        per_split = [parse_blend(p, f) if p and n else None
-                     for p, f, n in zip(split_paths, flags, sizes)]
+        blends = [parse_blend(p, f) if p else None for p, f in zip(split_paths, flags)]
+        # a split nobody asks samples of (no evaluation) is checked above but not built
+        per_split = [b if n else None for b, n in zip(blends, sizes)]
         split = None
     elif not mock:
         blend = parse_blend(data_path)
