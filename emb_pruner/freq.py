@@ -27,6 +27,8 @@ import numpy as np
 
 from megatron_prune.config import ConfigError
 
+from .jsonfile import read_tagged
+
 from .vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -62,15 +64,7 @@ class FreqCounts:
 
     @classmethod
     def load(cls, path) -> "FreqCounts":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"frequency file {path}: no such file (vocab-freq writes it)")
-        try:
-            obj = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"frequency file {path}: invalid JSON ({e})") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a frequency file written by vocab-freq")
+        obj = read_tagged(Path(path), "frequency file", FORMAT, "vocab-freq")
         counts = np.asarray(obj["counts"], dtype=np.int64)
         return cls(counts, obj["tokenizer"], obj.get("inputs", []), obj.get("documents", 0),
                    obj.get("tokens", int(counts.sum())), obj.get("bytes", 0),

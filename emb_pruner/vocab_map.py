@@ -21,6 +21,8 @@ from typing import Optional
 
 from megatron_prune.config import ConfigError
 
+from .jsonfile import read_tagged
+
 FORMAT = "emb_pruner.vocab_map"
 FILE_NAME = "vocab_map.json"
 
@@ -74,14 +76,7 @@ class VocabMap:
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME
-        if not path.is_file():
-            raise ConfigError(f"vocabulary map {path}: no such file (prune-vocab writes {FILE_NAME})")
-        try:
-            obj = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"vocabulary map {path}: invalid JSON ({e})") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a vocabulary map written by prune-vocab")
+        obj = read_tagged(path, "vocabulary map", FORMAT, "prune-vocab")
         m = obj["old_to_new"]
         kept = [n for n in m if n >= 0]
         if kept != list(range(len(kept))):
