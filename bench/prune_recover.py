@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -344,7 +345,12 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- 4. recover
-def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: List[str]):
+def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: List[str],
+                  variants: Optional[Dict[str, List[str]]] = None, skip: tuple = ()):
+    """The recovery runs, in the order they start, and the names of the optional ones.
+    `variants` maps BASE@TAG to extra trainer flags appended to run BASE's (the last of a
+    repeated flag wins: a recipe sweep on the same teacher and pruned models); `skip` leaves
+    base runs out."""
     def flags(name: str, lr: float) -> list:
         return ["--seq-length", p.seq_length, "--micro-batch-size", p.recover_micro_batch,
                 "--global-batch-size", p.recover_global_batch, "--train-iters", p.recover_iters,
@@ -367,9 +373,20 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
         flags("scratch", p.scratch_lr)
     # the runs the goals compare first (distillation first: it carries the teacher's forward
     # pass), then the rest, which a time budget may skip
+    for name, extra in (variants or {}).items():
+        base = name.split("@")[0]
+        if base not in jobs:
+            raise SystemExit(f"--variant {name}: no run {base!r} (runs: {', '.join(jobs)})")
+        argv = list(jobs[base])
+        argv[argv.index("--save") + 1] = r.work / "recovered" / name
+        argv[argv.index("--log-json") + 1] = r.work / f"{name}.jsonl"
+        jobs[name] = argv + list(extra)
+    for name in skip:
+        jobs.pop(name, None)
     first = ["activation_kd", "random_kd", "activation_lm", "random_lm", "scratch"]
-    order = [n for n in first if n in jobs] + sorted(
-        (n for n in jobs if n not in first), key=lambda n: (n.endswith("_kd"), n))
+    order = [n for n in first if n in jobs] + [n for n in jobs if "@" in n] + sorted(
+        (n for n in jobs if n not in first and "@" not in n),
+        key=lambda n: (n.endswith("_kd"), n))
     return {n: jobs[n] for n in order}, [n for n in order if n not in first]
 
 
@@ -441,6 +458,9 @@ def goals(p: Protocol, ev: dict, teacher: dict) -> list:
 
 
 def _label(name: str) -> str:
+    if "@" in name:  # a --variant of a run
+        base, tag = name.split("@", 1)
+        return f"{_label(base)} [{tag}]"
     if name in ("teacher", "scratch"):
         return {"teacher": "teacher (unpruned)", "scratch": "random init, pruned shape"}[name]
     method, kind = name.rsplit("_", 1)
@@ -454,10 +474,13 @@ def _ordered(ev: dict) -> list:
     kinds = {"pruned": 0, "lm": 1, "kd": 2}
 
     def key(name):
+        if "@" in name:
+            base, tag = name.split("@", 1)
+            return (*key(base), tag)
         if name in rank:
-            return rank[name]
+            return (*rank[name], "")
         method, kind = name.rsplit("_", 1)
-        return (1, METHODS.index(method) if method in METHODS else 9, kinds[kind])
+        return (1, METHODS.index(method) if method in METHODS else 9, kinds[kind], "")
     return sorted(ev.items(), key=lambda kv: key(kv[0]))
 
 
@@ -486,6 +509,9 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
     lines += ["", "| goal (issue 7) | measured | met |", "|---|---|---|"]
     for goal, measured, met in goals(p, ev, teacher):
         lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+    if meta.get("variants"):
+        lines += ["", "Variants (the base run's flags, then these):"]
+        lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in meta["variants"].items()]
     if meta.get("skipped"):
         lines += ["", "Not run (they would have ended after `--time-budget`): "
                   + ", ".join(_label(n) for n in meta["skipped"]) + "."]
@@ -497,10 +523,22 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
             k: v for k, v in teacher.items() if k != "log"}, "eval": ev,
          "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher)]},
         indent=2, default=str))
-    _plot(out, logs, teacher["log"], p)
+    _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in
+                                         meta.get("variants", {}).items()})
 
 
-def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol) -> None:
+def _global_batch(flags: list, p: Protocol) -> int:
+    """A variant's global batch (its flags may change it), for its curves' token axis."""
+    flags = [str(x) for x in flags]
+    gbs = p.recover_global_batch
+    for i, x in enumerate(flags[:-1]):
+        if x == "--global-batch-size":
+            gbs = int(flags[i + 1])
+    return gbs
+
+
+def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol,
+          global_batch: Optional[Dict[str, int]] = None) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -512,8 +550,9 @@ def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol) -> N
         recs = _jsonl(path)
         train = [x for x in recs if "eval" not in x]
         val = [x for x in recs if x.get("eval") == "validation"]
-        tok = p.recover_global_batch * p.seq_length / 1e6
-        style = "--" if name.endswith("_lm") else "-" if name.endswith("_kd") else ":"
+        tok = (global_batch or {}).get(name, p.recover_global_batch) * p.seq_length / 1e6
+        base = name.split("@")[0]
+        style = "--" if base.endswith("_lm") else "-" if base.endswith("_kd") else ":"
         axes[0].plot([x["iteration"] * tok for x in train], [x["lm_loss"] for x in train],
                      style, label=_label(name), lw=1)
         axes[1].plot([x["iteration"] * tok for x in val], [x["ppl"] for x in val], style,
@@ -581,6 +620,12 @@ def parse_args(argv=None):
                     help="seconds from the start by which the recoveries must end: skip the "
                          "optional ones (beyond the runs the goals compare) that would end "
                          "later; the report lists them")
+    ap.add_argument("--variant", action="append", default=[], metavar="RUN@TAG=FLAGS",
+                    help="also run RUN (e.g. activation_kd) with these trainer flags appended, "
+                         "as RUN@TAG, e.g. --variant 'activation_kd@lr2e-3=--lr 2e-3 --min-lr "
+                         "2e-4'; repeatable (a recipe sweep on one teacher)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated recovery runs to leave out, e.g. scratch,random_lm")
     for f in ("teacher_seconds", "recover_iters", "recover_lr", "scratch_lr", "teacher_lr",
               "calib_samples", "eval_tokens"):
         kind = type(getattr(Protocol(), f))
@@ -603,6 +648,12 @@ def main(argv=None) -> int:
     if not set(methods) <= set(METHODS) or not set(kd_methods) <= set(methods):
         raise SystemExit(f"--methods/--kd-methods: choose from {METHODS} (KD ones among "
                          "--methods)")
+    variants = {}
+    for v in a.variant:
+        name, eq, flags = v.partition("=")
+        if not eq or "@" not in name or not name.split("@", 1)[1]:
+            raise SystemExit(f"--variant {v!r}: write RUN@TAG=FLAGS")
+        variants[name] = shlex.split(flags)
     data_dir = Path(a.data)
     if not (data_dir / "corpus" / "gutenberg_en.tar.xz").is_file():
         raise SystemExit(f"--data {data_dir}: no corpus/gutenberg_en.tar.xz")
@@ -626,7 +677,8 @@ def main(argv=None) -> int:
           f"tokens, {teacher['train_seconds']:.0f} s of training")
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods)
-    jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods)
+    jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants,
+                                   tuple(n for n in a.skip.split(",") if n))
     models = {"teacher": work / "teacher"}
     models.update({f"{m}_pruned": path for m, path in pruned.items()})
     early: dict = {}
@@ -646,6 +698,7 @@ def main(argv=None) -> int:
     r.stage_seconds["total"] = time.time() - t_start
     meta = _meta(a, data, r.stage_seconds)
     meta["skipped"] = skipped
+    meta["variants"] = {n: v for n, v in variants.items() if n in done}
     write_report(out, p, meta, teacher, ev, {n: work / f"{n}.jsonl" for n in done})
     print((out / "results.md").read_text())
     return 0
