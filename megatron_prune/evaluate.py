@@ -59,13 +59,24 @@ def read_rows(files, json_key: str = "text") -> list:
     return rows
 
 
+def _encode(tokenizer, text: str):
+    """(ids, BOS id or None) of a transformers tokenizer, or of one of the project's
+    (`tokenizers.Tokenizer`, Megatron-LM's tokenizer types: the tokens `preprocess` gave the
+    training data; transformers' Llama tokenizer splits runs of spaces differently from
+    SentencePiece itself)."""
+    if hasattr(tokenizer, "bos_token_id"):
+        return tokenizer.encode(text, add_special_tokens=False), tokenizer.bos_token_id
+    return tokenizer.encode(text), tokenizer.bos
+
+
 def token_windows(tokenizer, rows: list, window: int,
                   max_tokens: Optional[int] = None) -> torch.Tensor:
     """[n, window] token ids of the rows joined by blank lines (BOS first), cut into
-    non-overlapping windows: what `perplexity` scores; computed once, scored for many models."""
-    ids = tokenizer.encode("\n\n".join(rows), add_special_tokens=False)
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
+    non-overlapping windows: what `perplexity` scores; computed once, scored for many models.
+    `tokenizer`: a transformers tokenizer or a `tokenizers.Tokenizer`."""
+    ids, bos = _encode(tokenizer, "\n\n".join(rows))
+    if bos is not None:
+        ids = [bos] + ids
     if max_tokens:
         ids = ids[:max_tokens]
     n = len(ids) // window

@@ -1,8 +1,10 @@
 """eval: perplexity, LAMBADA and MMLU on HF or Megatron checkpoints."""
 from __future__ import annotations
 
+import argparse
 
 from ..config import ConfigError
+from ..tokenizers import add_tokenizer_args
 
 
 def _run(a) -> int:
@@ -12,6 +14,9 @@ def _run(a) -> int:
     from ..calibration import load_tokenizer
     from ..hf_checkpoint import model_tokenizer_dir
     from ..hf_model import load_hf_model
+    from ..tokenizers import tokenizer_from_args
+    if bool(a.tokenizer_type) != bool(a.tokenizer_model):
+        raise ConfigError("--tokenizer-type and --tokenizer-model go together")
     path = a.hf_dir or a.load
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.task == "lm-eval":
@@ -21,7 +26,13 @@ def _run(a) -> int:
         results = evaluate.lm_eval_harness(a.hf_dir, a.lm_eval_tasks.split(","), device)
     else:
         model = load_hf_model(path, device=device, dtype=getattr(torch, a.dtype))
-        tok = load_tokenizer(a.tokenizer or model_tokenizer_dir(path))
+        if a.tokenizer_type and a.task != "ppl":
+            raise ConfigError("--tokenizer-type/--tokenizer-model tokenize --task ppl only; "
+                              "lambada and mmlu read a transformers tokenizer (--tokenizer)")
+        if a.tokenizer_type:  # tokens exactly as `preprocess` gave the training data
+            tok = tokenizer_from_args(a)
+        else:
+            tok = load_tokenizer(a.tokenizer or model_tokenizer_dir(path))
         if not a.data:
             raise ConfigError(f"--task {a.task} needs --data")
         if a.task == "ppl":
@@ -50,8 +61,15 @@ def add_parsers(sub) -> None:
                     "from a local jsonl. mmlu: multiple choice from the local dev set (a "
                     "datasets.save_to_disk folder). lm-eval: lm-evaluation-harness tasks on an HF "
                     "export (needs `pip install lm-eval` and its datasets).",
-        epilog="example: megatron-prune eval --load ckpt/tp2pp2 --task ppl "
-               "--data ../shared/data/wikitext-2/valid.txt")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  megatron-prune eval --load ckpt/tp2pp2 --task ppl "
+               "--data ../shared/data/wikitext-2/valid.txt\n"
+               "  # tokens exactly as `preprocess` gave the training data (transformers' Llama "
+               "tokenizer\n"
+               "  # splits runs of spaces differently from SentencePiece):\n"
+               "  megatron-prune eval --load ckpt --task ppl --data held_out.jsonl "
+               "--tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-dir", help="Hugging Face model directory")
     src.add_argument("--load", help="Megatron checkpoint (any TP/PP, merged on load)")
@@ -60,6 +78,7 @@ def add_parsers(sub) -> None:
                    "jsonl; mmlu: the dev set folder")
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    add_tokenizer_args(p, required=False)
     p.add_argument("--window", type=int, nargs="+", help="ppl window(s) in tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, help="ppl: evaluate only the first N tokens")
