@@ -7,8 +7,9 @@ One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smok
              preprocess`); calibration text drawn from the training books.
 2. teacher   a Llama model (12 layers, hidden 768, 12 heads / 4 KV groups, FFN 2048, untied,
              seq 1024) trained from random init by `python -m megatron_prune.train` for a fixed
-             wall time (`--teacher-seconds`; a short probe run sets the iteration count so the
-             cosine schedule ends on time), validated on the held-out books.
+             wall time (`--teacher-seconds`; a short probe run of the same recipe, after
+             tokenization, sets the iteration count so the cosine schedule ends on time),
+             validated on the held-out books.
 3. prune     importance (`megatron-prune importance`: activation, taylor; magnitude and random
              need no data) and `megatron-prune prune` of the teacher's Megatron checkpoint to
              9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
@@ -17,10 +18,10 @@ One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smok
              shape on the same tokens; `--jobs` runs share a GPU, and on a machine of
              several GPUs they spread over all of them (`--gpus`).
 5. evaluate  perplexity on the held-out books and WikiText-2 validation (windows of the
-             sequence length), right after pruning and after recovery -> results.md/.json,
+             sequence length, tokenized by SentencePiece as the training data), right after pruning and after recovery -> results.md/.json,
              recover_curves.png, teacher_curve.png in --out.
 
-usage: python bench/prune_recover.py --out results/ --time-budget 480   # one H100: < 10 min
+usage: python bench/prune_recover.py --out results/ --time-budget 500   # one H100: < 10 min
        python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
 """
 from __future__ import annotations
@@ -258,16 +259,12 @@ def _teacher_flags(p: Protocol, data: dict, iters: int) -> list:
         *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
 
 
-def start_probe(r: Runner, p: Protocol, data_dir: Path):
-    """The teacher's recipe for a few iterations on megatron-core's mock data, to time an
-    iteration; runs while the corpus is tokenized."""
+def probe_teacher(r: Runner, p: Protocol, data: dict) -> None:
+    """The teacher's recipe for a few iterations, to time an iteration. It runs alone, after
+    tokenization: run beside the tokenizer processes it measured iterations ~20% slower than
+    the teacher then ran, and the teacher trained 140-160 s of its 170."""
     probe = r.work / "teacher_probe.jsonl"
-    flags = _teacher_flags(p, {"train": None}, p.teacher_probe_iters)
-    i = flags.index("--train-data-path")
-    flags[i:i + 4] = ["--mock-data"]
-    flags[flags.index("--tokenizer-model") + 1] = _spm(data_dir)
-    r.say("  start teacher_probe (mock data)")
-    return r.start("teacher_probe", flags + [
+    r.run("teacher_probe", _teacher_flags(p, data, p.teacher_probe_iters) + [
         "--log-interval", max(1, p.teacher_probe_iters // 6), "--log-json", probe])
 
 
@@ -275,8 +272,8 @@ def _spm(data_dir: Path) -> Path:
     return data_dir / "tokenizers" / "llama2" / "tokenizer.model"
 
 
-def train_teacher(r: Runner, p: Protocol, data: dict, probe_job) -> dict:
-    r.finish(probe_job)
+def train_teacher(r: Runner, p: Protocol, data: dict) -> dict:
+    probe_teacher(r, p, data)
     probe = r.work / "teacher_probe.jsonl"
     recs = [x for x in _jsonl(probe) if "eval" not in x]
     steady = recs[len(recs) // 2:]  # after compilation / allocator warm-up
@@ -559,9 +556,16 @@ def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol,
     try:
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         return
+    plot_recovery(out / "recover_curves.png", logs, p, global_batch)
+    plot_teacher(out / "teacher_curve.png", teacher_log, p)
+
+
+def plot_recovery(png: Path, logs: Dict[str, Path], p: Protocol,
+                  global_batch: Optional[Dict[str, int]] = None) -> None:
+    """Training LM loss and validation perplexity of each recovery run's --log-json."""
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, path in logs.items():
         recs = _jsonl(path)
@@ -579,7 +583,12 @@ def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol,
                 title="recovery: validation")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "recover_curves.png", dpi=110)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_teacher(png: Path, teacher_log: Path, p: Protocol) -> None:
+    import matplotlib.pyplot as plt
     recs = _jsonl(teacher_log)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     tok = p.teacher_global_batch * p.seq_length / 1e6
@@ -591,7 +600,8 @@ def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol,
     ax.set(xlabel="tokens (M)", ylabel="LM loss", title="teacher pretraining")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "teacher_curve.png", dpi=110)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _meta(args, data: dict, stages: dict) -> dict:
@@ -635,9 +645,8 @@ def parse_args(argv=None):
     ap.add_argument("--gpus", type=int, default=None,
                     help="GPUs to spread importance and recovery runs over, one job list per "
                          "GPU (default: all the machine has); the teacher trains on one")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4),
-                    help="tokenizer processes (default: all cores but 4, which the teacher's "
-                         "timing probe uses meanwhile)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="tokenizer processes (default: one per core)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds from the start by which the recoveries must end: skip the "
                          "optional ones (beyond the runs the goals compare) that would end "
@@ -689,10 +698,9 @@ def main(argv=None) -> int:
     (out / "run.log").write_text("")
     t_start = time.time()
     with r.stage("data"):
-        probe = start_probe(r, p, data_dir)
         data = prepare_data(r, p, data_dir, a.workers)
     with r.stage("teacher"):
-        teacher = train_teacher(r, p, data, probe)
+        teacher = train_teacher(r, p, data)
     r.say(f"  teacher: {teacher['iterations']} iterations, {teacher['tokens'] / 1e6:.1f} M "
           f"tokens, {teacher['train_seconds']:.0f} s of training")
     with r.stage("importance + prune"):
