@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_prune import sp_tokenizer_json
 from megatron_prune.config import ConfigError
 
 from .bpe import merge_tree
@@ -139,7 +140,8 @@ class SentencePieceVocabulary(Vocabulary):
                 setattr(ts, field, old_to_new.get(old, -1))
         (out / "tokenizer.model").write_bytes(m.SerializeToString())
         written = ["tokenizer.model"] + self.write_sidecars(out, old_to_new)
-        if self.sidecar_dir is not None and (self.sidecar_dir / "tokenizer.json").is_file():
-            log.info("not writing tokenizer.json: the pruned tokenizer.model is the tokenizer now "
-                     "(transformers builds the fast tokenizer from it)")
+        # an HF directory: the pruned model's tokenizer.json, so transformers gives
+        # SentencePiece's ids (a stale one would map the old ids)
+        if self.sidecar_dir is not None and sp_tokenizer_json.write(out):
+            written.append("tokenizer.json")
         return written

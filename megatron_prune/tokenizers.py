@@ -98,9 +98,12 @@ class SentencePieceTokenizer(Tokenizer):
 
 def write_llama_tokenizer_config(out: Path, pieces: dict, max_length: int) -> None:
     """tokenizer_config.json + special_tokens_map.json that let transformers' AutoTokenizer read
-    the SentencePiece `tokenizer.model` beside them as a Llama tokenizer (BOS added, no EOS).
+    the SentencePiece `tokenizer.model` beside them as a Llama tokenizer (BOS added, no EOS),
+    and a tokenizer.json that makes it give SentencePiece's own ids (`sp_tokenizer_json`).
     `pieces` = {"unk": (id, piece), "bos": (id, piece), "eos": (id, piece)}."""
     import json
+
+    from . import sp_tokenizer_json
     special = {f"{k}_token": pieces[k][1] for k in ("bos", "eos", "unk")}
     added = {str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True}
@@ -114,6 +117,7 @@ def write_llama_tokenizer_config(out: Path, pieces: dict, max_length: int) -> No
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    sp_tokenizer_json.write(out)
 
 
 def write_hf_sentencepiece_dir(model, out, max_length: int) -> Path:

@@ -410,9 +410,12 @@ def test_hf_tied_stories260k_logits(stories260k_hf, corpus, tmp_path):
     text = "Once upon a time, there was a little girl named Lily. She loved to play outside."
     ids = [1] + new_tok.encode(text)
     assert_kept_logits_equal(stories260k_hf, out, vmap, ids)
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     hf_tok = AutoTokenizer.from_pretrained(out)
     assert hf_tok(text)["input_ids"] == ids
+    # the pruned SentencePiece model's own tokenizer.json (sp_tokenizer_json), not a stale copy
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() == len(hf_tok)
 
 
 def test_megatron_tp2_logits_through_export(llama3_model, corpus, tmp_path_factory, tmp_path):
