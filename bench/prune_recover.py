@@ -18,8 +18,9 @@ One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smok
              shape on the same tokens; `--jobs` runs share a GPU, and on a machine of
              several GPUs they spread over all of them (`--gpus`).
 5. evaluate  perplexity on the held-out books and WikiText-2 validation (windows of the
-             sequence length, tokenized by SentencePiece as the training data), right after pruning and after recovery -> results.md/.json,
-             recover_curves.png, teacher_curve.png in --out.
+             sequence length, tokenized by SentencePiece as the training data), right after
+             pruning and after recovery -> results.md/.json, recover_curves.png,
+             teacher_curve.png in --out.
 
 usage: python bench/prune_recover.py --out results/ --time-budget 500   # one H100: < 10 min
        python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
@@ -355,6 +356,12 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- 4. recover
+def run_names(methods: List[str], kd_methods: List[str]) -> List[str]:
+    """The base recovery runs of these methods (what --variant and --skip may name)."""
+    return [f"{m}_{k}" for m in methods for k in ("lm", "kd")
+            if k == "lm" or m in kd_methods] + ["scratch"]
+
+
 def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: List[str],
                   variants: Optional[Dict[str, List[str]]] = None, skip: tuple = ()):
     """The recovery runs, in the order they start, and the names of the optional ones.
@@ -382,18 +389,16 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
     shape_from = next(iter(pruned.values()))
     jobs["scratch"] = TRAIN + ["--init", "random", "--pretrained-checkpoint", shape_from] + \
         flags("scratch", p.scratch_lr)
-    # the runs the goals compare first (distillation first: it carries the teacher's forward
-    # pass), then the rest, which a time budget may skip
     for name, extra in (variants or {}).items():
         base = name.split("@")[0]
-        if base not in jobs:
-            raise SystemExit(f"--variant {name}: no run {base!r} (runs: {', '.join(jobs)})")
         argv = list(jobs[base])
         argv[argv.index("--save") + 1] = r.work / "recovered" / _slug(name)
         argv[argv.index("--log-json") + 1] = _log(r, name)
         jobs[name] = argv + list(extra)
     for name in skip:
         jobs.pop(name, None)
+    # the runs the goals compare first (distillation first: it carries the teacher's forward
+    # pass), then the variants, then the rest, which a time budget may skip
     first = ["activation_kd", "random_kd", "activation_lm", "random_lm", "scratch"]
     order = [n for n in first if n in jobs] + [n for n in jobs if "@" in n] + sorted(
         (n for n in jobs if n not in first and "@" not in n),
@@ -683,6 +688,11 @@ def main(argv=None) -> int:
         if not eq or "@" not in name or not name.split("@", 1)[1]:
             raise SystemExit(f"--variant {v!r}: write RUN@TAG=FLAGS")
         variants[name] = shlex.split(flags)
+    runs = run_names(methods, kd_methods)
+    skip = tuple(n for n in a.skip.split(",") if n)
+    for name in [v.split("@")[0] for v in variants] + list(skip):
+        if name not in runs:  # before the teacher trains for minutes
+            raise SystemExit(f"--variant/--skip: no run {name!r} (runs: {', '.join(runs)})")
     data_dir = Path(a.data)
     if not (data_dir / "corpus" / "gutenberg_en.tar.xz").is_file():
         raise SystemExit(f"--data {data_dir}: no corpus/gutenberg_en.tar.xz")
@@ -705,8 +715,7 @@ def main(argv=None) -> int:
           f"tokens, {teacher['train_seconds']:.0f} s of training")
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods)
-    jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants,
-                                   tuple(n for n in a.skip.split(",") if n))
+    jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)
     models = {"teacher": work / "teacher"}
     models.update({f"{m}_pruned": path for m, path in pruned.items()})
     early: dict = {}
