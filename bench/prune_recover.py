@@ -416,8 +416,9 @@ def evaluate_all(r: Runner, p: Protocol, data: dict, models: Dict[str, Path]) ->
     from megatron_prune.hf_model import load_hf_model
     from megatron_prune.tokenizers import build_tokenizer
     if "_windows" not in data:  # tokenized once for every call
-        # as `preprocess` tokenized the training data: SentencePiece itself (transformers'
-        # Llama tokenizer splits the books' double spaces after a full stop differently)
+        # as `preprocess` tokenized the training data, by construction: SentencePiece itself
+        # (transformers' Llama tokenizer built from a bare tokenizer.model split the books'
+        # double spaces after a full stop differently: docs/benchmarks.md, "Tokenization")
         tok = build_tokenizer("Llama2Tokenizer", data["spm"])
         data["_windows"] = {
             "books": token_windows(tok, data["valid_rows"], p.seq_length, p.eval_tokens),

@@ -61,9 +61,8 @@ def read_rows(files, json_key: str = "text") -> list:
 
 def _encode(tokenizer, text: str):
     """(ids, BOS id or None) of a transformers tokenizer, or of one of the project's
-    (`tokenizers.Tokenizer`, Megatron-LM's tokenizer types: the tokens `preprocess` gave the
-    training data; transformers' Llama tokenizer splits runs of spaces differently from
-    SentencePiece itself)."""
+    (`megatron_prune.tokenizers.Tokenizer`, Megatron-LM's tokenizer types: exactly the tokens
+    `preprocess` gave the training data)."""
     if hasattr(tokenizer, "bos_token_id"):
         return tokenizer.encode(text, add_special_tokens=False), tokenizer.bos_token_id
     return tokenizer.encode(text), tokenizer.bos
@@ -73,7 +72,7 @@ def token_windows(tokenizer, rows: list, window: int,
                   max_tokens: Optional[int] = None) -> torch.Tensor:
     """[n, window] token ids of the rows joined by blank lines (BOS first), cut into
     non-overlapping windows: what `perplexity` scores; computed once, scored for many models.
-    `tokenizer`: a transformers tokenizer or a `tokenizers.Tokenizer`."""
+    `tokenizer`: a transformers tokenizer or a `megatron_prune.tokenizers.Tokenizer`."""
     ids, bos = _encode(tokenizer, "\n\n".join(rows))
     if bos is not None:
         ids = [bos] + ids

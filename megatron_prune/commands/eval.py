@@ -17,6 +17,9 @@ def _run(a) -> int:
     from ..tokenizers import tokenizer_from_args
     if bool(a.tokenizer_type) != bool(a.tokenizer_model):
         raise ConfigError("--tokenizer-type and --tokenizer-model go together")
+    if a.tokenizer_type and a.task != "ppl":
+        raise ConfigError("--tokenizer-type/--tokenizer-model tokenize --task ppl only; "
+                          "lambada and mmlu read a transformers tokenizer (--tokenizer)")
     path = a.hf_dir or a.load
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.task == "lm-eval":
@@ -26,9 +29,6 @@ def _run(a) -> int:
         results = evaluate.lm_eval_harness(a.hf_dir, a.lm_eval_tasks.split(","), device)
     else:
         model = load_hf_model(path, device=device, dtype=getattr(torch, a.dtype))
-        if a.tokenizer_type and a.task != "ppl":
-            raise ConfigError("--tokenizer-type/--tokenizer-model tokenize --task ppl only; "
-                              "lambada and mmlu read a transformers tokenizer (--tokenizer)")
         if a.tokenizer_type:  # tokens exactly as `preprocess` gave the training data
             tok = tokenizer_from_args(a)
         else:
@@ -65,9 +65,9 @@ def add_parsers(sub) -> None:
         epilog="examples:\n"
                "  megatron-prune eval --load ckpt/tp2pp2 --task ppl "
                "--data ../shared/data/wikitext-2/valid.txt\n"
-               "  # tokens exactly as `preprocess` gave the training data (transformers' Llama "
-               "tokenizer\n"
-               "  # splits runs of spaces differently from SentencePiece):\n"
+               "  # tokens exactly as `preprocess` gave the training data (a transformers "
+               "Llama tokenizer\n"
+               "  # built from a bare tokenizer.model splits runs of spaces differently):\n"
                "  megatron-prune eval --load ckpt --task ppl --data held_out.jsonl "
                "--tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model")
     src = p.add_mutually_exclusive_group(required=True)
