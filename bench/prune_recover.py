@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fractions
 import json
 import os
 import random
@@ -82,7 +83,11 @@ class Protocol:
     recover_lr: float = 1.2e-3
     recover_warmup: float = 0.05           # of the iterations
     scratch_lr: float = 2e-3
+    # the recovery budget as a fraction of the teacher's tokens ("1/6": the most issue 7
+    # allows), which then sets recover_iters; None: recover_iters as given
+    recover_fraction: Optional[str] = None
     kd_temperature: float = 1.0
+    kd_hidden_weight: float = 0.0           # > 0: distil hidden states too (KD runs)
     calib_samples: int = 128
     eval_tokens: int = 1 << 20              # held-out books: the first ~1M tokens
     eval_interval: int = 50
@@ -383,9 +388,10 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
     for m, path in pruned.items():
         jobs[f"{m}_lm"] = TRAIN + ["--pretrained-checkpoint", path] + flags(f"{m}_lm", p.recover_lr)
         if m in kd_methods:
+            hidden = ["--kd-hidden-weight", p.kd_hidden_weight] if p.kd_hidden_weight else []
             jobs[f"{m}_kd"] = TRAIN + ["--pretrained-checkpoint", path, "--teacher",
-                                       r.work / "teacher", "--kd-temperature", p.kd_temperature
-                                       ] + flags(f"{m}_kd", p.recover_lr)
+                                       r.work / "teacher", "--kd-temperature", p.kd_temperature,
+                                       *hidden] + flags(f"{m}_kd", p.recover_lr)
     shape_from = next(iter(pruned.values()))
     jobs["scratch"] = TRAIN + ["--init", "random", "--pretrained-checkpoint", shape_from] + \
         flags("scratch", p.scratch_lr)
@@ -631,7 +637,24 @@ def _meta(args, data: dict, stages: dict) -> dict:
 # ---------------------------------------------------------------------------- main
 OVERRIDES = ("teacher_seconds", "teacher_lr", "recover_iters", "recover_micro_batch",
              "recover_global_batch", "recover_lr", "recover_warmup", "scratch_lr",
-             "calib_samples", "eval_tokens")
+             "kd_temperature", "kd_hidden_weight", "calib_samples", "eval_tokens")
+
+
+def _fraction(text: str) -> str:
+    try:
+        f = fractions.Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (e.g. 1/6)") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1]")
+    return text
+
+
+def recovery_iterations(p: Protocol, teacher_tokens: int) -> int:
+    """--recover-fraction: the most whole iterations within that fraction of the teacher's
+    tokens."""
+    budget = fractions.Fraction(p.recover_fraction) * teacher_tokens
+    return max(1, int(budget // (p.recover_global_batch * p.seq_length)))
 
 
 def parse_args(argv=None):
@@ -666,6 +689,9 @@ def parse_args(argv=None):
     for f in OVERRIDES:
         kind = type(getattr(Protocol(), f))
         ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None)
+    ap.add_argument("--recover-fraction", type=_fraction, default=None, metavar="F",
+                    help="recovery tokens = this fraction of the teacher's (e.g. 1/6, the most "
+                         "issue 7 allows), replacing --recover-iters")
     return ap.parse_args(argv)
 
 
@@ -675,7 +701,7 @@ def main(argv=None) -> int:
     p = smoke_protocol() if a.smoke else Protocol()
     if not _cuda():
         p.bf16 = False
-    for f in OVERRIDES:
+    for f in OVERRIDES + ("recover_fraction",):
         if getattr(a, f) is not None:
             setattr(p, f, getattr(a, f))
     methods = [m for m in a.methods.split(",") if m]
@@ -714,6 +740,10 @@ def main(argv=None) -> int:
         teacher = train_teacher(r, p, data)
     r.say(f"  teacher: {teacher['iterations']} iterations, {teacher['tokens'] / 1e6:.1f} M "
           f"tokens, {teacher['train_seconds']:.0f} s of training")
+    if p.recover_fraction:
+        p.recover_iters = recovery_iterations(p, teacher["tokens"])
+        r.say(f"  recovery: {p.recover_iters} iterations = {p.recover_fraction} of the "
+              "teacher's tokens at most")
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods)
     jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)

@@ -245,14 +245,16 @@ def test_export_to_hf_and_load(baseline, stories260k_hf, tmp_path):
 
 
 def test_kd_student_equal_teacher_gives_zero_loss(stories_tp1, shakespeare, tmp_path):
-    """Distilling the model into itself: KL is exactly 0 and, with --kd-alpha 1, so is every
-    gradient (grad norm 0) at the first iteration; TP=2 over 2 processes."""
+    """Distilling the model into itself, logits and hidden states: KL and the cosine distance
+    are exactly 0 and, with --kd-alpha 1, so is every gradient (grad norm 0) at the first
+    iteration; TP=2 over 2 processes."""
     proc = ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, "kd", iters=3),
                         "--teacher", stories_tp1, "--kd-temperature", 2.0,
-                        "--tensor-model-parallel-size", 2))
-    assert "KD from" in proc.stdout
+                        "--kd-hidden-weight", 1.0, "--tensor-model-parallel-size", 2))
+    assert "KD from" in proc.stdout and "vs teacher layers [0, 1, 2, 3, 4]" in proc.stdout
     first = records(tmp_path / "kd.jsonl")[0]
     assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["hidden_loss"] == pytest.approx(0.0, abs=1e-6)
     assert first["loss"] == pytest.approx(0.0, abs=1e-6)
     assert first["grad_norm"] < 1e-5
     assert first["lm_loss"] > 1.0  # the LM loss is still measured
@@ -267,7 +269,7 @@ GRADS_SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         student, teacher, data, out, tp = sys.argv[1:6]
-        args = arguments.parse_args([
+        args = arguments.parse_args(sys.argv[6:] + [
             "--pretrained-checkpoint", student, "--teacher", teacher, "--data-path", data,
             "--seq-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", "1", "--kd-temperature", "1.5", "--kd-alpha", "0.7",
@@ -290,7 +292,8 @@ GRADS_SCRIPT = textwrap.dedent("""
             e = entries[name]
             grads.update(layout.merge_to_hf(e.spec, shards, tr.cfg, e.layer))
         if dist.get_rank() == 0:
-            torch.save({"grads": grads, "loss": r}, out)
+            torch.save({"grads": grads, "loss": r, "tokens": [b["tokens"] for b in micro],
+                        "loss_mask": [b["loss_mask"] for b in micro]}, out)
         mm.destroy_distributed()
 """)
 
@@ -305,18 +308,8 @@ def test_kd_gradients_tp2_equal_tp1(stories_tp1, shakespeare, tmp_path):
                                tie_word_embeddings=True)
     teacher = tmp_path / "teacher"
     convert.hf_to_megatron(teacher_hf, teacher, tp=1, impl="local")
-    script = tmp_path / "grads.py"
-    script.write_text(GRADS_SCRIPT)
-    results = {}
-    for tp in (1, 2):
-        out = tmp_path / f"grads_tp{tp}.pt"
-        launcher = [sys.executable] if tp == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        proc = subprocess.run(launcher + [str(script), str(stories_tp1), str(teacher),
-                                          str(shakespeare), str(out), str(tp)],
-                              capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        results[tp] = torch.load(out)
+    results = {tp: _run_grads_script(tmp_path, stories_tp1, teacher, shakespeare, tp)
+               for tp in (1, 2)}
     g1, g2 = results[1]["grads"], results[2]["grads"]
     assert set(g1) == set(g2) and len(g1) == 2 + 5 * 9  # tied: no lm_head
     assert results[1]["loss"]["kd_loss"] > 0.1
@@ -325,6 +318,84 @@ def test_kd_gradients_tp2_equal_tp1(stories_tp1, shakespeare, tmp_path):
         scale = g1[name].abs().max().item()
         assert scale > 0, name
         assert (g1[name] - g2[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+def _run_grads_script(tmp_path, student, teacher, data, tp: int, *flags) -> dict:
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_SCRIPT)
+    out = tmp_path / f"grads_tp{tp}.pt"
+    launcher = [sys.executable] if tp == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(launcher + [str(script), str(student), str(teacher), str(data),
+                                      str(out), str(tp)] + [str(f) for f in flags],
+                          capture_output=True, text=True, env=ENV, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return torch.load(out)
+
+
+def _hf_layer_outputs(hf_dir, tokens, layers):
+    """Outputs of some decoder layers of the Hugging Face model, [b, s, h] each."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    got = []
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o)) for i in layers]
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def test_hidden_state_kd_matches_hf_and_tp2_equals_tp1(stories260k_hf, stories_tp1,
+                                                        shakespeare, tmp_path):
+    """A pruned student (a layer dropped, hidden 64 -> 48) distilled from its own teacher with
+    the hidden-state loss on three layers: the loss the trainer reports equals the cosine
+    distance computed independently from the two exported Hugging Face models through the
+    prune plan's layer and channel maps, and the gradients at TP=2 equal those at TP=1."""
+    import torch.nn.functional as F
+
+    from megatron_prune.prune_plan import PruneTarget
+    from megatron_prune.pruning import prune_hf, prune_megatron
+    target = PruneTarget(hidden_size=48, drop_layers=[2], num_attention_heads=4,
+                         num_query_groups=2, ffn_hidden_size=96)
+    plan = prune_megatron(stories_tp1, tmp_path / "student", target, seed=0)
+    prune_hf(stories260k_hf, tmp_path / "student_hf", plan_file=tmp_path / "student" /
+             "prune_plan.json")
+    flags = ["--kd-hidden-weight", "0.5", "--kd-hidden-layers", "0,1,-1"]
+    res = {tp: _run_grads_script(tmp_path, tmp_path / "student", stories_tp1, shakespeare, tp,
+                                 *flags) for tp in (1, 2)}
+    r1 = res[1]["loss"]
+    assert r1["hidden_loss"] > 1e-3
+    assert r1["loss"] == pytest.approx(0.7 * r1["kd_loss"] + 0.3 * r1["lm_loss"]
+                                       + 0.5 * r1["hidden_loss"], rel=1e-6)
+    # the reference: student layers 0, 1, 3 are teacher layers 0, 1, 4 (layer 2 dropped)
+    tokens = torch.cat(res[1]["tokens"])
+    mask = torch.cat(res[1]["loss_mask"]).float()
+    s = _hf_layer_outputs(tmp_path / "student_hf", tokens, [0, 1, 3])
+    t = _hf_layer_outputs(stories260k_hf, tokens, [0, 1, 4])
+    keep = torch.tensor(plan.keep_hidden)
+    dist = sum(1 - F.cosine_similarity(a, b[..., keep], dim=-1) for a, b in zip(s, t)) / 3
+    assert r1["hidden_loss"] == pytest.approx(((dist * mask).sum() / mask.sum()).item(),
+                                              rel=1e-4)
+    g1, g2 = res[1]["grads"], res[2]["grads"]
+    assert res[2]["loss"]["loss"] == pytest.approx(r1["loss"], rel=1e-6)
+    for name in g1:
+        scale = g1[name].abs().max().item()
+        assert scale > 0, name
+        assert (g1[name] - g2[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp_path):
+    base = [*common(stories_tp1, shakespeare, tmp_path, "x"), "--teacher", stories_tp1]
+    for flags, msg in ((["--kd-hidden-weight", 1, "--pipeline-model-parallel-size", 2],
+                        "--pipeline-model-parallel-size 1 only"),
+                       (["--kd-hidden-weight", 1, "--recompute-granularity", "full"],
+                        "selective"),
+                       (["--kd-hidden-layers", "1"], "needs --kd-hidden-weight"),
+                       (["--kd-hidden-weight", 1, "--kd-hidden-layers", "7"], "outside")):
+        proc = run_train(1, *base, *flags)
+        assert proc.returncode == 2 and msg in proc.stderr, (flags, proc.stderr[-2000:])
 
 
 def test_sdpa_attention_matches_megatron_local_attention(stories_tp1, shakespeare, tmp_path):

@@ -140,6 +140,8 @@ class DistillArgs:
     teacher: Optional[str] = None
     kd_temperature: float = 1.0
     kd_alpha: float = 1.0                     # loss = alpha * KD + (1 - alpha) * LM
+    kd_hidden_weight: float = 0.0             # + weight * hidden-state cosine distance
+    kd_hidden_layers: Optional[str] = None    # student layers compared (default: all)
 
 
 @dataclass
@@ -193,10 +195,32 @@ class TrainArgs:
             raise ConfigError(f"--kd-alpha must lie in [0, 1], got {self.distill.kd_alpha}")
         if self.distill.kd_temperature <= 0:
             raise ConfigError("--kd-temperature must be positive")
+        self._validate_hidden_kd()
         if m.recompute_granularity not in (None, "selective", "full"):
             raise ConfigError("--recompute-granularity must be selective or full")
         if m.loss_chunk_tokens < 1:
             raise ConfigError("--loss-chunk-tokens must be positive")
+
+    def _validate_hidden_kd(self) -> None:
+        d, p = self.distill, self.parallel
+        if d.kd_hidden_weight < 0:
+            raise ConfigError(f"--kd-hidden-weight must be >= 0, got {d.kd_hidden_weight}")
+        if d.kd_hidden_weight == 0:
+            if d.kd_hidden_layers is not None:
+                raise ConfigError("--kd-hidden-layers needs --kd-hidden-weight > 0")
+            return
+        if not d.teacher:
+            raise ConfigError("--kd-hidden-weight needs --teacher")
+        # the compared layers must all live on the rank computing the loss, with the full
+        # sequence, and their outputs must carry gradients (full recompute runs them without)
+        if p.pipeline_model_parallel_size != 1:
+            raise ConfigError("--kd-hidden-weight works with --pipeline-model-parallel-size 1 "
+                              "only; distil logits alone with PP > 1")
+        if p.sequence_parallel:
+            raise ConfigError("--kd-hidden-weight does not work with --sequence-parallel")
+        if self.model.recompute_granularity == "full":
+            raise ConfigError("--kd-hidden-weight does not work with --recompute-granularity "
+                              "full (use selective)")
 
 
 # (flag, group, field, argparse kwargs). The flag names are Megatron-LM's where it has one.
@@ -360,6 +384,14 @@ def _flags():
         ("--kd-temperature", "distill", "kd_temperature", dict(type=F)),
         ("--kd-alpha", "distill", "kd_alpha", dict(type=F,
             help="loss = alpha * T^2 * KL(teacher||student) + (1 - alpha) * LM loss (default 1)")),
+        ("--kd-hidden-weight", "distill", "kd_hidden_weight", dict(type=F,
+            help="also pull the student's hidden states after each layer toward the teacher's "
+                 "after the layer it was pruned from (prune_plan.json of "
+                 "--pretrained-checkpoint; channel for channel, cosine distance): loss += "
+                 "weight * that distance (default 0: off; PP = 1 only)")),
+        ("--kd-hidden-layers", "distill", "kd_hidden_layers", dict(type=S,
+            help="student layers compared with --kd-hidden-weight, e.g. 2,5,8 (0-based; "
+                 "default all)")),
     ]
 
 

@@ -46,6 +46,14 @@ class Teacher:
         return model_mod.output_weight(self.module) if self.module.post_process else None
 
     @torch.no_grad()
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Final hidden states [b, s, h] of one micro-batch, replicated over TP (PP = 1: the
+        whole teacher is on this rank; hidden-state distillation runs it this way, so that
+        its intermediate states live for one micro-batch only)."""
+        out = self.module(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return model_mod.output_hidden(self.module, out)
+
+    @torch.no_grad()
     def hidden_states(self, forward_backward, micro: List[dict], seq_length: int,
                       micro_batch: int) -> List[Optional[torch.Tensor]]:
         """Final hidden states [b, s, h] of each micro-batch on the last stage (None elsewhere),

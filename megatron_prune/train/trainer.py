@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..tokenizers import SENTENCEPIECE_TYPES, write_hf_sentencepiece_dir
 from . import checkpointing as ckpt_mod
 from . import data as data_mod
+from . import hidden_distill
 from . import model as model_mod
 from .arguments import TrainArgs
 from .cpu import training_cpu_patches
@@ -192,6 +193,8 @@ class Trainer:
             self.teacher = Teacher(a.distill.teacher, student_cfg=self.cfg, m=a.model, p=p,
                                    dtype=self.dtype, impl=self.impl,
                                    pp=p.pipeline_model_parallel_size)
+        self.hidden_kd = self._build_hidden_kd() if self.teacher and \
+            a.distill.kd_hidden_weight > 0 else None
         self.loss_spec = None
         if self.module.post_process:
             start, rows = model_mod.vocab_shard(self.cfg, model_mod.output_weight(self.module))
@@ -201,6 +204,16 @@ class Trainer:
                                       chunk_tokens=a.model.loss_chunk_tokens,
                                       kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
                                       temperature=a.distill.kd_temperature, group=tp_group)
+
+    def _build_hidden_kd(self) -> "HiddenKD":
+        d, m, c = self.args.distill, self.args.model, self.args.checkpoint
+        layers = hidden_distill.parse_layers(d.kd_hidden_layers, self.cfg.num_layers)
+        plan = hidden_distill.find_plan([m.pretrained_checkpoint, c.load])
+        pairs = hidden_distill.layer_pairs(self.cfg, self.teacher.config, plan, layers)
+        return HiddenKD(pairs=pairs, weight=d.kd_hidden_weight, plan=plan,
+                        student=hidden_distill.Capture(self.module, pairs.student),
+                        teacher=hidden_distill.Capture(self.teacher.module, pairs.teacher,
+                                                       pairs.channels, detach=True))
 
     def _build_data(self) -> None:
         """train / valid / test GPTDatasets and this rank's view of them."""
@@ -248,25 +261,44 @@ class Trainer:
             f"{pl.micro_batch} x {pl.num_microbatches} accumulation x DP {pl.dp} = global "
             f"{pl.global_batch} x seq {pl.seq_length}; {pl.train_iters} iterations "
             f"({pl.train_samples * pl.seq_length:,} tokens); {self.dtype}"
-            + (f"; KD from {self.teacher.path} (T={self.args.distill.kd_temperature}, "
-               f"alpha={self.args.distill.kd_alpha})" if self.teacher else ""))
+            + self._describe_kd())
+
+    def _describe_kd(self) -> str:
+        if not self.teacher:
+            return ""
+        d, hk = self.args.distill, self.hidden_kd
+        out = f"; KD from {self.teacher.path} (T={d.kd_temperature}, alpha={d.kd_alpha})"
+        if hk is not None:
+            out += (f"; hidden states of student layers {list(hk.pairs.student)} vs teacher "
+                    f"layers {list(hk.pairs.teacher)} (weight {hk.weight:g}"
+                    + (f", mapped by {hk.plan}" if hk.plan else "") + ")")
+        return out
 
     def _forward_step(self, data_iterator, model):
         batch, teacher_hidden = next(data_iterator)
+        hk = self.hidden_kd
+        if hk is not None:  # PP = 1: the teacher runs here, one micro-batch at a time
+            teacher_hidden = self.teacher.forward(batch)
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return out, partial(self._loss, batch, teacher_hidden)
+        states = (hk.student.take(), hk.teacher.take()) if hk is not None else None
+        return out, partial(self._loss, batch, teacher_hidden, states)
 
-    def _loss(self, batch, teacher_hidden, hidden):
+    def _loss(self, batch, teacher_hidden, states, hidden):
         h = model_mod.output_hidden(self.module, hidden)
         w = model_mod.output_weight(self.module)
         tw = self.teacher.output_weight() if self.teacher else None
         loss, ce, kd = fused_output_loss(h, w, batch["labels"], batch["loss_mask"],
                                          self.loss_spec, teacher_hidden, tw)
+        hid = torch.zeros_like(ce)
+        if states is not None:
+            hid = hidden_distill.loss_sum(*states, batch["loss_mask"])
+            loss = loss + self.hidden_kd.weight * hid
         n = batch["loss_mask"].sum().to(torch.int)
-        return loss, n, {"sums": torch.stack([ce.detach(), kd.detach(), n.float()])}
+        return loss, n, {"sums": torch.stack([ce.detach(), kd.detach(), hid.detach(),
+                                              n.float()])}
 
     def _teacher(self, micro):
-        if self.teacher is None:
+        if self.teacher is None or self.hidden_kd is not None:
             return [None] * len(micro)
         return self.teacher.hidden_states(self.forward_backward, micro, self.plan.seq_length,
                                           self.plan.micro_batch)
@@ -281,25 +313,29 @@ class Trainer:
     def _reduce(self, reports, micro) -> dict:
         """Sums over the micro-batches of all DP ranks, on every rank."""
         from megatron.core import parallel_state as ps
-        local = torch.zeros(4, dtype=torch.float64, device=self.device)
+        local = torch.zeros(5, dtype=torch.float64, device=self.device)
         for r in reports:
-            local[:3] += r["sums"].double()
+            local[:4] += r["sums"].double()
         tp = ps.get_tensor_model_parallel_world_size()
-        local[:3] /= tp  # every TP rank of the last stage holds the same sums
+        local[:4] /= tp  # every TP rank of the last stage holds the same sums
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
             for b in micro:  # a fingerprint of the tokens this rank trained on
                 tok = b["tokens"].double()
-                local[3] += (tok * torch.arange(1, tok.shape[1] + 1, device=tok.device,
+                local[4] += (tok * torch.arange(1, tok.shape[1] + 1, device=tok.device,
                                                 dtype=torch.float64)).sum()
         dist.all_reduce(local)
-        ce, kd, n, checksum = local.tolist()
+        ce, kd, hid, n, checksum = local.tolist()
         alpha = self.loss_spec.kd_alpha if self.loss_spec else (
             self.args.distill.kd_alpha if self.teacher else 0.0)
         lm = ce / max(n, 1)
         kd_loss = kd / max(n, 1) if self.teacher else None
         loss = alpha * kd_loss + (1 - alpha) * lm if self.teacher else lm
-        return {"loss": loss, "lm_loss": lm, "kd_loss": kd_loss, "tokens": n,
-                "batch_checksum": checksum}
+        hidden_loss = None
+        if self.hidden_kd is not None:
+            hidden_loss = hid / max(n, 1)
+            loss += self.hidden_kd.weight * hidden_loss
+        return {"loss": loss, "lm_loss": lm, "kd_loss": kd_loss, "hidden_loss": hidden_loss,
+                "tokens": n, "batch_checksum": checksum}
 
     # ------------------------------------------------------------------ step, eval, save
     def train_step(self, micro) -> dict:
@@ -322,21 +358,26 @@ class Trainer:
         if source is None or self.args.eval.eval_iters < 1:
             return None
         self.ddp.eval()
-        ce = kd = n = 0.0
+        ce = kd = hid = n = 0.0
         for i in range(self.args.eval.eval_iters):
             micro = source.global_batch_at(i * self.plan.global_batch)
             r = self._reduce(self._run_schedule(micro, forward_only=True), micro)
             ce += r["lm_loss"] * r["tokens"]
             kd += (r["kd_loss"] or 0.0) * r["tokens"]
+            hid += (r["hidden_loss"] or 0.0) * r["tokens"]
             n += r["tokens"]
         self.ddp.train()
         out = {"lm_loss": ce / max(n, 1), "ppl": ppl(ce / max(n, 1))}
         if self.teacher:
             out["kd_loss"] = kd / max(n, 1)
+        if self.hidden_kd is not None:
+            out["hidden_loss"] = hid / max(n, 1)
         it = self.state.iteration
         self.metrics.line(f" {name} at iteration {it}: lm loss {out['lm_loss']:.6f} | "
                           f"ppl {out['ppl']:.4f}"
-                          + (f" | kd loss {out['kd_loss']:.6f}" if self.teacher else ""))
+                          + (f" | kd loss {out['kd_loss']:.6f}" if self.teacher else "")
+                          + (f" | hidden loss {out['hidden_loss']:.6f}"
+                             if "hidden_loss" in out else ""))
         self.metrics.scalars(it, out, prefix=f"{name}/")
         self.metrics.record({"eval": name, "iteration": it, **out})
         return out
@@ -493,6 +534,8 @@ class Trainer:
         mem = (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
                if torch.cuda.is_available() else "")
         kd = f" | kd loss {out['kd_loss']:.6E}" if out["kd_loss"] is not None else ""
+        if out["hidden_loss"] is not None:
+            kd += f" | hidden loss {out['hidden_loss']:.6E}"
         self.metrics.line(
             f" iteration {s.iteration:8d}/{self.plan.train_iters:8d} | consumed samples "
             f"{s.consumed_train_samples:10d} | loss {out['loss']:.6E} | lm loss "
@@ -501,7 +544,8 @@ class Trainer:
             f"{1000 * seconds / max(iters, 1):.0f} ms/iter{mem}"
             + (" | skipped (non-finite grads)" if out["skipped"] else ""))
         record = {"iteration": s.iteration, "loss": out["loss"], "lm_loss": out["lm_loss"],
-                  "kd_loss": out["kd_loss"], "lr": lr, "grad_norm": out["grad_norm"],
+                  "kd_loss": out["kd_loss"], "hidden_loss": out["hidden_loss"], "lr": lr,
+                  "grad_norm": out["grad_norm"],
                   "tokens_per_s": tps, "tflops": tflops,
                   "consumed_samples": s.consumed_train_samples,
                   "batch_checksum": out["batch_checksum"], "seconds": seconds / max(iters, 1),
@@ -511,6 +555,17 @@ class Trainer:
                                            if k not in ("iteration", "batch_checksum", "seconds")},
                              prefix="train/")
         self.metrics.record(record)
+
+
+@dataclasses.dataclass
+class HiddenKD:
+    """Hidden-state distillation's pieces: which layers, its weight, and the hooks keeping
+    both models' states of the current micro-batch."""
+    pairs: hidden_distill.LayerPairs
+    weight: float
+    plan: Optional[Path]
+    student: hidden_distill.Capture
+    teacher: hidden_distill.Capture
 
 
 def train(args: TrainArgs) -> dict:
