@@ -20,13 +20,13 @@ def test_prune_recover_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prune_recover.py"), "--smoke",
                            "--out", str(tmp_path), "--workers", "2", "--data", str(DATA),
                            "--recover-fraction", "1/6",
-                           "--variant", "activation_kd@hid=--kd-hidden-weight 1"],
+                           "--variant", "activation_kd@logits=--kd-hidden-weight 0"],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     ev = res["eval"]
     methods = ("random", "magnitude", "activation", "taylor")
-    assert set(ev) == {"teacher", "scratch", "activation_kd@hid"} | {
+    assert set(ev) == {"teacher", "scratch", "activation_kd@logits"} | {
         f"{m}_{k}" for m in methods for k in ("pruned", "lm", "kd")}
     t = ev["teacher"]
     for m in methods:  # pruning removed parameters; training helped every pruned model
