@@ -398,6 +398,31 @@ def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp
         assert proc.returncode == 2 and msg in proc.stderr, (flags, proc.stderr[-2000:])
 
 
+def test_hidden_state_layer_map(stories260k_hf, tmp_path):
+    """Which teacher layer and channels each student layer meets: from the plan, one to one for
+    an unpruned student, and a clear error when neither applies."""
+    from megatron_prune.config import ConfigError, ModelConfig
+    from megatron_prune.prune_plan import PruneTarget
+    from megatron_prune.pruning import prune_hf
+    from megatron_prune.train import hidden_distill as hd
+    teacher = ModelConfig.from_hf(json.loads((stories260k_hf / "config.json").read_text()))
+    plan = prune_hf(stories260k_hf, tmp_path / "s", PruneTarget(hidden_size=48,
+                                                                drop_layers=[0, 3]), seed=0)
+    student = plan.target_config
+    found = hd.find_plan([None, str(tmp_path / "nowhere"), str(tmp_path / "s")])
+    pairs = hd.layer_pairs(student, teacher, found, hd.parse_layers("0,-1", 3))
+    assert pairs.student == (0, 2) and pairs.teacher == (1, 4)
+    assert pairs.channels.tolist() == plan.keep_hidden and len(plan.keep_hidden) == 48
+    same = hd.layer_pairs(teacher, teacher, None, hd.parse_layers(None, 5))
+    assert same.teacher == (0, 1, 2, 3, 4) and same.channels is None
+    with pytest.raises(ConfigError, match="no prune_plan.json"):
+        hd.layer_pairs(student, teacher, None, [0])
+    with pytest.raises(ConfigError, match="prunes to 3 layers"):
+        hd.layer_pairs(teacher, teacher, found, [0])
+    with pytest.raises(ConfigError, match="layer numbers"):
+        hd.parse_layers("1;2", 3)
+
+
 def test_sdpa_attention_matches_megatron_local_attention(stories_tp1, shakespeare, tmp_path):
     """The SDPA core attention (default without Transformer Engine) trains exactly like
     megatron-core's own local DotProductAttention (GQA 8 heads / 4 groups)."""
