@@ -386,6 +386,24 @@ def test_hidden_state_kd_matches_hf_and_tp2_equals_tp1(stories260k_hf, stories_t
         assert (g1[name] - g2[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
 
 
+def test_recovered_checkpoint_keeps_the_prune_plan(stories_tp1, shakespeare, tmp_path):
+    """A run from a pruned checkpoint saves its prune_plan.json beside the weights, so hidden-
+    state distillation can go on from the recovered checkpoint (and a resume finds it)."""
+    from megatron_prune.prune_plan import PruneTarget
+    from megatron_prune.pruning import prune_megatron
+    prune_megatron(stories_tp1, tmp_path / "pruned", PruneTarget(hidden_size=48,
+                                                                 drop_layers=[1]), seed=0)
+    hidden = ["--teacher", stories_tp1, "--kd-hidden-weight", 1]
+    ok(run_train(1, *common(tmp_path / "pruned", shakespeare, tmp_path, "a", iters=3), *hidden,
+                 "--save", tmp_path / "recovered"))
+    plan = (tmp_path / "pruned" / "prune_plan.json").read_text()
+    assert (tmp_path / "recovered" / "prune_plan.json").read_text() == plan
+    proc = ok(run_train(1, *common(tmp_path / "recovered", shakespeare, tmp_path, "b", iters=3),
+                        *hidden))
+    assert f"mapped by {tmp_path / 'recovered' / 'prune_plan.json'}" in proc.stdout
+    assert records(tmp_path / "b.jsonl")[-1]["hidden_loss"] > 0
+
+
 def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp_path):
     base = [*common(stories_tp1, shakespeare, tmp_path, "x"), "--teacher", stories_tp1]
     for flags, msg in ((["--kd-hidden-weight", 1, "--pipeline-model-parallel-size", 2],

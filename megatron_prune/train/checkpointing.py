@@ -94,8 +94,10 @@ def megatron_args(cfg: ModelConfig, *, tp: int, pp: int, dtype, divisible_by: in
 
 def save_checkpoint(save_dir, *, model, optimizer, scheduler, state: TrainState,
                     args: argparse.Namespace, save_optim: bool = True,
-                    tokenizer_dir: Optional[Path] = None) -> Path:
-    """Collective: every rank calls it. Returns the iteration directory."""
+                    tokenizer_dir: Optional[Path] = None,
+                    plan_file: Optional[Path] = None) -> Path:
+    """Collective: every rank calls it. Returns the iteration directory. `plan_file`: the
+    prune plan of the weights' source, kept beside them (what the model was pruned from)."""
     from megatron.core import parallel_state as ps
     root = Path(save_dir)
     it_dir = root / iter_dir_name(state.iteration)
@@ -126,6 +128,10 @@ def save_checkpoint(save_dir, *, model, optimizer, scheduler, state: TrainState,
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir() \
                 and Path(tokenizer_dir).resolve() != (root / "tokenizer").resolve():
             shutil.copytree(tokenizer_dir, root / "tokenizer", dirs_exist_ok=True)
+        if plan_file is not None:
+            kept = root / Path(plan_file).name
+            if Path(plan_file).resolve() != kept.resolve():
+                shutil.copyfile(plan_file, kept)
         tmp = root / (TRACKER + ".tmp")
         tmp.write_text(str(state.iteration))
         os.replace(tmp, root / TRACKER)

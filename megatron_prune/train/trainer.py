@@ -208,7 +208,8 @@ class Trainer:
     def _build_hidden_kd(self) -> "HiddenKD":
         d, m, c = self.args.distill, self.args.model, self.args.checkpoint
         layers = hidden_distill.parse_layers(d.kd_hidden_layers, self.cfg.num_layers)
-        plan = hidden_distill.find_plan([m.pretrained_checkpoint, c.load])
+        # saved checkpoints keep their source's plan, so a resumed or continued run finds it
+        plan = hidden_distill.find_plan([self.source.weights, m.pretrained_checkpoint, c.load])
         pairs = hidden_distill.layer_pairs(self.cfg, self.teacher.config, plan, layers)
         return HiddenKD(pairs=pairs, weight=d.kd_hidden_weight, plan=plan,
                         student=hidden_distill.Capture(self.module, pairs.student),
@@ -406,7 +407,8 @@ class Trainer:
         ckpt_mod.save_checkpoint(c.save, model=self.ddp, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=self.state, args=args,
                                  save_optim=not c.no_save_optim,
-                                 tokenizer_dir=self._tokenizer_dir())
+                                 tokenizer_dir=self._tokenizer_dir(),
+                                 plan_file=hidden_distill.find_plan([self.source.weights]))
         self.last_saved = self.state.iteration
         self.metrics.line(f" saved checkpoint at iteration {self.state.iteration} to {c.save} "
                           f"({time.time() - t0:.1f} s)")
