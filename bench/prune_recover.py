@@ -87,8 +87,8 @@ class Protocol:
     # 1/6, the most issue 7 allows (the teacher's token count varies from run to run)
     recover_fraction: Optional[str] = "1/6"
     kd_temperature: float = 1.0
-    # distil the hidden states after every layer too (cosine, weight 1): 0.4% better than
-    # logits alone in the sweep of docs/benchmarks.md; 0 turns it off
+    # distil the hidden states after every layer too (cosine, weight 1): 0.4-0.5% better than
+    # logits alone in two sweeps (docs/benchmarks.md); 0 turns it off
     kd_hidden_weight: float = 1.0
     calib_samples: int = 128
     eval_tokens: int = 1 << 20              # held-out books: the first ~1M tokens

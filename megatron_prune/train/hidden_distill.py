@@ -7,7 +7,8 @@ layer each student layer is (`keep_layers`) and which teacher hidden channels it
 cosine distance, 1 - cos(student, teacher[kept channels]), averaged over the chosen layers:
 cosine rather than MSE because the stream's scale grows with depth and differs between the two
 models (RMSNorm follows every read of it), as in Megatron-LM/ModelOpt's hidden-state loss.
-Minitron (Sreenivas et al. 2024) adds this loss to the logit loss when depth is pruned.
+Minitron ("Compact Language Models via Pruning and Knowledge Distillation", 2024) adds such a
+loss to the logit loss when depth is pruned.
 
 Only with PP = 1 and without sequence parallelism: every chosen layer then lives on the rank
 that computes the loss, and its output is the full sequence, replicated over TP.
@@ -93,7 +94,8 @@ class Capture:
         self.states: List[torch.Tensor] = []
         self.channels, self.detach = channels, detach
         decoder_layers = model.decoder.layers
-        self.handles = [decoder_layers[i].register_forward_hook(self._hook) for i in layers]
+        for i in layers:
+            decoder_layers[i].register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -106,10 +108,6 @@ class Capture:
     def take(self) -> List[torch.Tensor]:
         out, self.states = self.states, []
         return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def loss_sum(student: List[torch.Tensor], teacher: List[torch.Tensor],
