@@ -1,6 +1,6 @@
 """The prune -> recover quality benchmark (issue 7), through the project's own commands.
 
-One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smoke`:
+One run, on one GPU machine (about 9 minutes on an H100), or on the CPU with `--smoke`:
 
 1. data      the Gutenberg books of ../shared/data (header/footer stripped), the last 5 by file
              name held out; both tokenized with the Llama-2 tokenizer (`megatron-prune
@@ -13,10 +13,11 @@ One run, on one GPU machine (7-9 minutes on an H100), or on the CPU with `--smok
 3. prune     importance (`megatron-prune importance`: activation, taylor; magnitude and random
              need no data) and `megatron-prune prune` of the teacher's Megatron checkpoint to
              9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
-4. recover   every pruned model with the same token budget, with the LM loss and with
-             distillation from the teacher (`--teacher`), and a random-init model of the pruned
-             shape on the same tokens; `--jobs` runs share a GPU, and on a machine of
-             several GPUs they spread over all of them (`--gpus`).
+4. recover   every pruned model with the same token budget (1/6 of the teacher's tokens,
+             `--recover-fraction`), with the LM loss and with distillation from the teacher
+             (`--teacher`: logits, and hidden states through the prune plan), and a random-init
+             model of the pruned shape on the same tokens; `--jobs` runs share a GPU, and on a
+             machine of several GPUs they spread over all of them (`--gpus`).
 5. evaluate  perplexity on the held-out books and WikiText-2 validation (windows of the
              sequence length, tokenized by SentencePiece as the training data), right after
              pruning and after recovery -> results.md/.json, recover_curves.png,
