@@ -206,10 +206,12 @@ class Trainer:
                                       temperature=a.distill.kd_temperature, group=tp_group)
 
     def _build_hidden_kd(self) -> "HiddenKD":
-        d, m, c = self.args.distill, self.args.model, self.args.checkpoint
+        d = self.args.distill
         layers = hidden_distill.parse_layers(d.kd_hidden_layers, self.cfg.num_layers)
-        # saved checkpoints keep their source's plan, so a resumed or continued run finds it
-        plan = hidden_distill.find_plan([self.source.weights, m.pretrained_checkpoint, c.load])
+        # the weights' checkpoint (saved ones keep their source's plan, so a resumed or
+        # continued run finds it), else the one a random-init student copies its shape from
+        plan = hidden_distill.find_plan([self.source.weights,
+                                         self.args.model.pretrained_checkpoint])
         pairs = hidden_distill.layer_pairs(self.cfg, self.teacher.config, plan, layers)
         return HiddenKD(pairs=pairs, weight=d.kd_hidden_weight, plan=plan,
                         student=hidden_distill.Capture(self.module, pairs.student),
