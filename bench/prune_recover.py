@@ -374,16 +374,15 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
                   variants: Optional[Dict[str, List[str]]] = None, skip: tuple = ()):
     """The recovery runs, in the order they start, and the names of the optional ones.
     `variants` maps BASE@TAG to extra trainer flags appended to run BASE's (the last of a
-    repeated flag wins: a recipe sweep on the same teacher and pruned models); `skip` leaves
-    base runs out."""
+    repeated flag wins: a recipe sweep on the same teacher and pruned models); a variant that
+    sets --global-batch-size but not --train-iters keeps the token budget (`_same_tokens`).
+    `skip` leaves base runs out."""
     def flags(name: str, lr: float) -> list:
         return ["--seq-length", p.seq_length, "--micro-batch-size", p.recover_micro_batch,
-                "--global-batch-size", p.recover_global_batch, "--train-iters", p.recover_iters,
-                "--lr", lr, "--min-lr", lr / 10,
-                "--lr-warmup-iters", max(1, int(p.recover_iters * p.recover_warmup)),
+                "--global-batch-size", p.recover_global_batch,
+                *_schedule_flags(p, p.recover_iters), "--lr", lr, "--min-lr", lr / 10,
                 "--lr-decay-style", "cosine", "--weight-decay", 0.1, "--clip-grad", 1.0,
-                "--seed", 4321, "--log-interval", max(1, p.recover_iters // 40),
-                "--eval-interval", p.eval_interval, "--eval-iters", p.eval_iters,
+                "--seed", 4321, "--eval-interval", p.eval_interval, "--eval-iters", p.eval_iters,
                 "--save", r.work / "recovered" / name, "--log-json", _log(r, name),
                 *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
 
@@ -403,7 +402,7 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
         argv = list(jobs[base])
         argv[argv.index("--save") + 1] = r.work / "recovered" / _slug(name)
         argv[argv.index("--log-json") + 1] = _log(r, name)
-        jobs[name] = argv + list(extra)
+        jobs[name] = argv + _same_tokens(p, list(extra))
     for name in skip:
         jobs.pop(name, None)
     # the runs the goals compare first (distillation first: it carries the teacher's forward
@@ -413,6 +412,22 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
         (n for n in jobs if n not in first and "@" not in n),
         key=lambda n: (n.endswith("_kd"), n))
     return {n: jobs[n] for n in order}, [n for n in order if n not in first]
+
+
+def _schedule_flags(p: Protocol, iters: int) -> list:
+    """The flags that follow from a run's length: iterations, warmup, log interval."""
+    return ["--train-iters", iters, "--lr-warmup-iters", max(1, int(iters * p.recover_warmup)),
+            "--log-interval", max(1, iters // 40)]
+
+
+def _same_tokens(p: Protocol, extra: list) -> list:
+    """A variant's flags, plus the schedule that keeps the recovery's tokens when they change
+    the global batch without saying how long to train (a batch-size sweep at equal tokens:
+    --global-batch-size 4 trains twice the iterations of 8)."""
+    if "--global-batch-size" not in extra or "--train-iters" in extra:
+        return extra
+    iters = p.recover_iters * p.recover_global_batch // _global_batch(extra, p)
+    return extra + _schedule_flags(p, iters)
 
 
 # ---------------------------------------------------------------------------- 5. evaluate
@@ -560,14 +575,19 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
                                          meta.get("variants", {}).items()})
 
 
+def _flag(flags: list, name: str, default: int) -> int:
+    """The value of a trainer flag in a variant's flags (the last one wins, as in argparse)."""
+    flags = [str(x) for x in flags]
+    value = default
+    for i, x in enumerate(flags[:-1]):
+        if x == name:
+            value = int(flags[i + 1])
+    return value
+
+
 def _global_batch(flags: list, p: Protocol) -> int:
     """A variant's global batch (its flags may change it), for its curves' token axis."""
-    flags = [str(x) for x in flags]
-    gbs = p.recover_global_batch
-    for i, x in enumerate(flags[:-1]):
-        if x == "--global-batch-size":
-            gbs = int(flags[i + 1])
-    return gbs
+    return _flag(flags, "--global-batch-size", p.recover_global_batch)
 
 
 def _plot(out: Path, logs: Dict[str, Path], teacher_log: Path, p: Protocol,
@@ -724,6 +744,10 @@ def main(argv=None) -> int:
         if not eq or "@" not in name or not name.split("@", 1)[1]:
             raise SystemExit(f"--variant {v!r}: write RUN@TAG=FLAGS")
         variants[name] = shlex.split(flags)
+        mbs = _flag(variants[name], "--micro-batch-size", p.recover_micro_batch)
+        if _global_batch(variants[name], p) % mbs:  # the trainer would refuse it, much later
+            raise SystemExit(f"--variant {v!r}: the global batch is not a multiple of the "
+                             f"micro-batch ({mbs}); set --micro-batch-size too")
     runs = run_names(methods, kd_methods)
     skip = tuple(n for n in a.skip.split(",") if n)
     for name in [v.split("@")[0] for v in variants] + list(skip):
@@ -775,7 +799,7 @@ def main(argv=None) -> int:
     r.stage_seconds["total"] = time.time() - t_start
     meta = _meta(a, data, r.stage_seconds)
     meta["skipped"] = skipped
-    meta["variants"] = {n: v for n, v in variants.items() if n in done}
+    meta["variants"] = {n: _same_tokens(p, v) for n, v in variants.items() if n in done}
     write_report(out, p, meta, teacher, ev, {n: _log(r, n) for n in done})
     print((out / "results.md").read_text())
     return 0

@@ -53,3 +53,18 @@ def test_recover_fraction_flag():
     for bad in ("0", "7/6", "x"):
         with pytest.raises(SystemExit):
             pr.parse_args(["--out", "x", "--recover-fraction", bad])
+
+
+def test_batch_size_variant_keeps_the_tokens():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import prune_recover as pr
+    p = pr.Protocol(recover_iters=960, recover_global_batch=8)
+    flags = pr._same_tokens(p, ["--micro-batch-size", "4", "--global-batch-size", "4"])
+    assert pr._flag(flags, "--train-iters", 0) * 4 == 960 * 8  # twice the iterations of 8
+    assert pr._flag(flags, "--lr-warmup-iters", 0) == 96  # 5% of them, as the base run
+    # other flags, or an explicit length, are left as given
+    assert pr._same_tokens(p, ["--lr", "2e-3"]) == ["--lr", "2e-3"]
+    both = ["--global-batch-size", "16", "--train-iters", "10"]
+    assert pr._same_tokens(p, both) == both
+    with pytest.raises(SystemExit, match="multiple of the micro-batch"):
+        pr.main(["--out", "x", "--variant", "activation_kd@b4=--global-batch-size 4"])
