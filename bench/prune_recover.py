@@ -14,7 +14,7 @@ One run, on one GPU machine (about 9 minutes on an H100), or on the CPU with `--
              need no data) and `megatron-prune prune` of the teacher's Megatron checkpoint to
              9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
 4. recover   every pruned model with the same token budget (1/6 of the teacher's tokens,
-             `--recover-fraction`), with the LM loss and with distillation from the teacher
+             `--recover-fraction`; LR decayed linearly to 0), with the LM loss and with distillation from the teacher
              (`--teacher`: logits, and hidden states through the prune plan), and a random-init
              model of the pruned shape on the same tokens; `--jobs` runs share a GPU, and on a
              machine of several GPUs they spread over all of them (`--gpus`).
@@ -83,6 +83,10 @@ class Protocol:
     recover_global_batch: int = 8
     recover_lr: float = 1.2e-3
     recover_warmup: float = 0.05           # of the iterations
+    # linear decay to 0 ("straight to zero"): 0.6% better than cosine to LR/10 for
+    # distillation in a sweep on one H100 (docs/benchmarks.md)
+    recover_decay_style: str = "linear"
+    recover_min_lr: float = 0.0            # a fraction of the run's LR
     scratch_lr: float = 2e-3
     # the recovery budget as a fraction of the teacher's tokens, which then sets recover_iters:
     # 1/6, the most issue 7 allows (the teacher's token count varies from run to run)
@@ -380,8 +384,9 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
     def flags(name: str, lr: float) -> list:
         return ["--seq-length", p.seq_length, "--micro-batch-size", p.recover_micro_batch,
                 "--global-batch-size", p.recover_global_batch,
-                *_schedule_flags(p, p.recover_iters), "--lr", lr, "--min-lr", lr / 10,
-                "--lr-decay-style", "cosine", "--weight-decay", 0.1, "--clip-grad", 1.0,
+                *_schedule_flags(p, p.recover_iters), "--lr", lr,
+                "--min-lr", lr * p.recover_min_lr, "--lr-decay-style", p.recover_decay_style,
+                "--weight-decay", 0.1, "--clip-grad", 1.0,
                 "--seed", 4321, "--eval-interval", p.eval_interval, "--eval-iters", p.eval_iters,
                 "--save", r.work / "recovered" / name, "--log-json", _log(r, name),
                 *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
@@ -545,7 +550,8 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
              f"{p.seq_length} = {rec_tokens / 1e6:.2f} M tokens"
              + (f" (at most {p.recover_fraction} of the teacher's)" if p.recover_fraction else "")
              + f", the same samples in the same order (LR {p.recover_lr:g}, random init "
-             f"{p.scratch_lr:g}, cosine to LR/10, {100 * p.recover_warmup:g}% warmup, "
+             f"{p.scratch_lr:g}, {p.recover_decay_style} to {_min_lr(p)}, "
+             f"{100 * p.recover_warmup:g}% warmup, "
              f"micro-batch {p.recover_micro_batch}). Distillation: T = {p.kd_temperature:g}, "
              + (f"logits and the hidden states after every layer (weight "
                 f"{p.kd_hidden_weight:g})." if p.kd_hidden_weight else "logits only."),
@@ -573,6 +579,10 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
         indent=2, default=str))
     _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in
                                          meta.get("variants", {}).items()})
+
+
+def _min_lr(p: Protocol) -> str:
+    return "0" if p.recover_min_lr == 0 else f"LR x {p.recover_min_lr:g}"
 
 
 def _flag(flags: list, name: str, default: int) -> int:
@@ -663,7 +673,8 @@ def _meta(args, data: dict, stages: dict) -> dict:
 
 # ---------------------------------------------------------------------------- main
 OVERRIDES = ("teacher_seconds", "teacher_lr", "recover_iters", "recover_micro_batch",
-             "recover_global_batch", "recover_lr", "recover_warmup", "scratch_lr",
+             "recover_global_batch", "recover_lr", "recover_warmup", "recover_decay_style",
+             "recover_min_lr", "scratch_lr",
              "kd_temperature", "kd_hidden_weight", "calib_samples", "eval_tokens")
 
 
@@ -713,9 +724,11 @@ def parse_args(argv=None):
                          "2e-4'; repeatable (a recipe sweep on one teacher)")
     ap.add_argument("--skip", default="",
                     help="comma-separated recovery runs to leave out, e.g. scratch,random_lm")
+    from megatron_prune.train.arguments import LR_DECAY_STYLES
     for f in OVERRIDES:
         kind = type(getattr(Protocol(), f))
-        ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None)
+        ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
+                        **({"choices": LR_DECAY_STYLES} if f == "recover_decay_style" else {}))
     ap.add_argument("--recover-fraction", type=_fraction, default=None, metavar="F",
                     help="recovery tokens = at most this fraction of the teacher's (default "
                          "1/6, the most issue 7 allows); --recover-iters alone replaces it")
