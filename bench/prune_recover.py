@@ -77,8 +77,9 @@ class Protocol:
     teacher_lr: float = 1e-3
     teacher_probe_iters: int = 30
     # batch 8 x 1024: a sweep on one H100 (docs/benchmarks.md) measured 800 x 8 4% better than
-    # the 400 x 16 for distillation on the same tokens, and LR 1.2e-3 better than 6e-4
-    # and 3e-3. recover_iters is used when recover_fraction is None.
+    # the 400 x 16 for distillation on the same tokens (and 1600 x 4 no better than
+    # 800 x 8); at batch 8, LR 1.2e-3 better than 2e-3 (6e-4 and 3e-3 were worse at 16).
+    # recover_iters is used when recover_fraction is None.
     recover_iters: int = 800
     recover_micro_batch: int = 8
     recover_global_batch: int = 8
