@@ -406,14 +406,50 @@ def test_recovered_checkpoint_keeps_the_prune_plan(stories_tp1, shakespeare, tmp
 
 def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp_path):
     base = [*common(stories_tp1, shakespeare, tmp_path, "x"), "--teacher", stories_tp1]
-    for flags, msg in ((["--kd-hidden-weight", 1, "--pipeline-model-parallel-size", 2],
-                        "--pipeline-model-parallel-size 1 only"),
-                       (["--kd-hidden-weight", 1, "--recompute-granularity", "full"],
+    for flags, msg in ((["--kd-hidden-weight", 1, "--recompute-granularity", "full"],
                         "selective"),
                        (["--kd-hidden-layers", "1"], "needs --kd-hidden-weight"),
                        (["--kd-hidden-weight", 1, "--kd-hidden-layers", "7"], "outside")):
         proc = run_train(1, *base, *flags)
         assert proc.returncode == 2 and msg in proc.stderr, (flags, proc.stderr[-2000:])
+
+
+def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
+    """Hidden-state distillation at PP=2 (the teacher's stages cut to match the student's, the
+    first stage's part of the loss backpropagated through the activation it sends on) trains
+    as at PP=1: the same losses, hidden loss and grad norms, iteration by iteration."""
+    from megatron_prune.prune_plan import PruneTarget
+    from megatron_prune.pruning import prune_megatron
+    prune_megatron(stories_tp1, tmp_path / "student", PruneTarget(hidden_size=48,
+                                                                  drop_layers=[2]), seed=0)
+    kd = ["--teacher", stories_tp1, "--kd-hidden-weight", 0.5, "--kd-alpha", 0.8]
+    ok(run_train(1, *common(tmp_path / "student", shakespeare, tmp_path, "pp1"), *kd))
+    proc = ok(run_train(2, *common(tmp_path / "student", shakespeare, tmp_path, "pp2"), *kd,
+                        "--pipeline-model-parallel-size", 2))
+    # student layers 0, 1 | 2, 3 are teacher layers 0, 1 | 3, 4: its stages hold 2 | 3
+    assert "teacher stages of [2, 3] layers" in proc.stdout, proc.stdout[-2000:]
+    a, b = records(tmp_path / "pp1.jsonl"), records(tmp_path / "pp2.jsonl")
+    assert a[0]["hidden_loss"] > 1e-3
+    assert_same_curve(a, b)
+    for ra, rb in zip(a, b):
+        assert rb["hidden_loss"] == pytest.approx(ra["hidden_loss"], rel=1e-5)
+
+
+def test_teacher_stages_for_hidden_state_kd():
+    from megatron_prune.config import ConfigError
+    from megatron_prune.train.hidden_distill import LayerPairs, teacher_stage_counts
+    dropped = LayerPairs((0, 1, 2, 3), (0, 1, 3, 4), None)  # teacher layer 2 pruned
+    assert teacher_stage_counts(dropped, [4], 5) == [5]
+    assert teacher_stage_counts(dropped, [2, 2], 5) == [2, 3]
+    assert teacher_stage_counts(dropped, [1, 3], 5) == [1, 4]
+    assert teacher_stage_counts(dropped, [2, 1, 1], 5) == [2, 2, 1]
+    # only the compared layers bind: the last one alone leaves the split free
+    assert teacher_stage_counts(LayerPairs((3,), (4,), None), [2, 2], 5) == [2, 3]
+    assert teacher_stage_counts(LayerPairs((3,), (4,), None), [2, 2], 6) == [3, 3]
+    # middle stages of 2 and 6 teacher layers: no Megatron split (its middle stages are even)
+    tight = LayerPairs(tuple(range(6)), (0, 1, 2, 3, 8, 9), None)
+    with pytest.raises(ConfigError, match="no Megatron pipeline split"):
+        teacher_stage_counts(tight, [1, 2, 2, 1], 10)
 
 
 def test_hidden_state_layer_map(stories260k_hf, tmp_path):

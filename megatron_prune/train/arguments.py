@@ -211,11 +211,8 @@ class TrainArgs:
             return
         if not d.teacher:
             raise ConfigError("--kd-hidden-weight needs --teacher")
-        # the compared layers must all live on the rank computing the loss, with the full
-        # sequence, and their outputs must carry gradients (full recompute runs them without)
-        if p.pipeline_model_parallel_size != 1:
-            raise ConfigError("--kd-hidden-weight works with --pipeline-model-parallel-size 1 "
-                              "only; distil logits alone with PP > 1")
+        # the compared layers' outputs must hold the full sequence and carry gradients (full
+        # recompute runs them without)
         if p.sequence_parallel:
             raise ConfigError("--kd-hidden-weight does not work with --sequence-parallel")
         if self.model.recompute_granularity == "full":
@@ -388,7 +385,8 @@ def _flags():
             help="also pull the student's hidden states after each layer toward the teacher's "
                  "after the layer it was pruned from (prune_plan.json of "
                  "--pretrained-checkpoint; channel for channel, cosine distance): loss += "
-                 "weight * that distance (default 0: off; PP = 1 only)")),
+                 "weight * that distance (default 0: off; with PP > 1 the teacher's stages "
+                 "are cut to match)")),
         ("--kd-hidden-layers", "distill", "kd_hidden_layers", dict(type=S,
             help="student layers compared with --kd-hidden-weight, e.g. 2,5,8 (0-based; "
                  "default all)")),

@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class Teacher:
-    def __init__(self, path, *, student_cfg, m, p, dtype, impl, pp: int):
+    """`stages`: the (first, last) pipeline stage sizes to build it with, where hidden-state
+    distillation needs its layers on given stages; default `teacher_stages`."""
+
+    def __init__(self, path, *, student_cfg, m, p, dtype, impl, pp: int,
+                 stages: Optional[tuple] = None):
         src = model_mod.source_from_checkpoint(path)
         ckpt = model_mod.open_checkpoint(path)
         cfg = src.config
         if cfg.vocab_size != student_cfg.vocab_size:
             raise ConfigError(f"--teacher {path}: vocab {cfg.vocab_size} differs from the "
                               f"student's {student_cfg.vocab_size}; KD needs the same vocabulary")
-        first, last = teacher_stages(ckpt, pp, student_cfg.num_layers, p)
+        first, last = stages or teacher_stages(ckpt, pp, student_cfg.num_layers, p)
         tp_args = dataclasses.replace(p, decoder_first_pipeline_num_layers=first,
                                       decoder_last_pipeline_num_layers=last)
         m_args = dataclasses.replace(m, recompute_granularity=None)
@@ -49,7 +53,8 @@ class Teacher:
     def forward(self, batch: dict) -> torch.Tensor:
         """Final hidden states [b, s, h] of one micro-batch, replicated over TP (PP = 1: the
         whole teacher is on this rank; hidden-state distillation runs it this way, so that
-        its intermediate states live for one micro-batch only)."""
+        its intermediate states live for one micro-batch only; at PP > 1 they live for the
+        iteration)."""
         out = self.module(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         return model_mod.output_hidden(self.module, out)
 

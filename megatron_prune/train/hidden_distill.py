@@ -10,11 +10,16 @@ models (RMSNorm follows every read of it), as in Megatron-LM/ModelOpt's hidden-s
 Minitron ("Compact Language Models via Pruning and Knowledge Distillation", 2024) adds such a
 loss to the logit loss when depth is pruned.
 
-Only with PP = 1 and without sequence parallelism: every chosen layer then lives on the rank
-that computes the loss, and its output is the full sequence, replicated over TP.
+Without sequence parallelism, so that a layer's output is the full sequence, replicated over
+TP. With PP > 1 the teacher's stages are cut so that each compared teacher layer sits on the
+stage of its student layer (`teacher_stage_counts`); every stage then compares its own layers,
+and a stage before the last adds its part of the loss to the backward pass through its output
+activation (`attach_loss`), as Megatron-LM does with MoE auxiliary losses.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -84,18 +89,64 @@ def layer_pairs(student: ModelConfig, teacher: ModelConfig, plan_path: Optional[
     return LayerPairs(tuple(layers), tuple(layers), None)
 
 
+def teacher_stage_counts(pairs: LayerPairs, student_counts: Sequence[int],
+                         teacher_layers: int) -> List[int]:
+    """Layers per teacher pipeline stage such that the teacher layer of every pair lies on the
+    stage of its student layer: the most even such split Megatron can build (the first and
+    last stage may differ from the others)."""
+    pp = len(student_counts)
+    if pp == 1:
+        return [teacher_layers]
+    stage = _stage_finder(student_counts)
+    need = [(stage(s), t) for s, t in zip(pairs.student, pairs.teacher)]
+    fits = [c for c in _megatron_splits(teacher_layers, pp)
+            if all(_stage_finder(c)(t) == st for st, t in need)]
+    if not fits:
+        raise ConfigError(
+            f"--kd-hidden-weight at PP={pp}: no Megatron pipeline split of the teacher's "
+            f"{teacher_layers} layers puts teacher layers {list(pairs.teacher)} on the stages of "
+            f"student layers {list(pairs.student)} (student stages {list(student_counts)}); "
+            "choose other --kd-hidden-layers or another student split "
+            "(--decoder-first/last-pipeline-num-layers)")
+    return min(fits, key=lambda c: (max(c), c))
+
+
+def _stage_finder(counts: Sequence[int]):
+    starts = list(itertools.accumulate(counts))[:-1]
+    return lambda layer: bisect.bisect_right(starts, layer)
+
+
+def _megatron_splits(n: int, pp: int):
+    """Every [first, even..., last] split of n layers over pp stages."""
+    from .. import layout
+    seen = set()
+    for first in range(1, n + 1):
+        for last in range(1, n + 1):
+            try:
+                counts = tuple(layout.stage_layer_counts(n, pp, first, last))
+            except ConfigError:
+                continue
+            if counts not in seen:
+                seen.add(counts)
+                yield list(counts)
+
+
 class Capture:
-    """Forward hooks keeping the output hidden states [s, b, h] of some decoder layers, in
-    call order, until `take()`. `channels` keeps only those hidden channels (the teacher's,
-    detached: it never needs their gradient)."""
+    """Forward hooks keeping the output hidden states [s, b, h] of some decoder layers (global
+    layer numbers; those on this pipeline stage), in call order, until `take()`. `channels`
+    keeps only those hidden channels (the teacher's, detached: it never needs their
+    gradient)."""
 
     def __init__(self, model, layers: Sequence[int], channels: Optional[torch.Tensor] = None,
                  detach: bool = False):
         self.states: List[torch.Tensor] = []
         self.channels, self.detach = channels, detach
-        decoder_layers = model.decoder.layers
-        for i in layers:
-            decoder_layers[i].register_forward_hook(self._hook)
+        wanted = set(layers)
+        self.layers = []  # the global numbers of the hooked layers, in order
+        for layer in model.decoder.layers:
+            if layer.layer_number - 1 in wanted:  # megatron numbers layers globally, from 1
+                layer.register_forward_hook(self._hook)
+                self.layers.append(layer.layer_number - 1)
 
     def _hook(self, module, inputs, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -111,9 +162,10 @@ class Capture:
 
 
 def loss_sum(student: List[torch.Tensor], teacher: List[torch.Tensor],
-             loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum over the loss tokens of the cosine distance averaged over the layer pairs. States
-    are [s, b, h]; loss_mask is [b, s]."""
+             loss_mask: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Sum over the loss tokens of the cosine distance summed over these layer pairs and
+    divided by `num_pairs`, the pairs of all stages (so the stages' parts add up to the mean
+    over every pair). States are [s, b, h]; loss_mask is [b, s]."""
     if len(student) != len(teacher):
         raise RuntimeError(f"hidden-state distillation: {len(student)} student states, "
                            f"{len(teacher)} teacher states")
@@ -122,4 +174,25 @@ def loss_sum(student: List[torch.Tensor], teacher: List[torch.Tensor],
     for s, t in zip(student, teacher):
         cos = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-6)   # [s, b]
         total = total + ((1.0 - cos) * mask).sum()
-    return total / max(1, len(student))
+    return total / max(1, num_pairs)
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on `output`; in backward, also starts the backward of `loss` (with gradient
+    `scale`): how a pipeline stage before the last adds a loss of its own, since the schedule
+    only backpropagates the activation it sent on."""
+
+    @staticmethod
+    def forward(ctx, output, loss, scale: float):
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(loss, ctx.scale), None
+
+
+def attach_loss(output: torch.Tensor, loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _AttachLoss.apply(output, loss, scale)

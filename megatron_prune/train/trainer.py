@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import mcore_model
+from .. import layout, mcore_model
 from ..config import ConfigError
 from ..tokenizers import SENTENCEPIECE_TYPES, write_hf_sentencepiece_dir
 from . import checkpointing as ckpt_mod
@@ -188,13 +188,23 @@ class Trainer:
     def _build_teacher_and_loss(self) -> None:
         from megatron.core import parallel_state as ps
         a, p = self.args, self.args.parallel
-        self.teacher = None
+        self.teacher = self.hidden_kd = None
         if a.distill.teacher:
+            pairs, plan, counts = None, None, None
+            if a.distill.kd_hidden_weight > 0:
+                pairs, plan, counts = self._hidden_pairs()
             self.teacher = Teacher(a.distill.teacher, student_cfg=self.cfg, m=a.model, p=p,
                                    dtype=self.dtype, impl=self.impl,
-                                   pp=p.pipeline_model_parallel_size)
-        self.hidden_kd = self._build_hidden_kd() if self.teacher and \
-            a.distill.kd_hidden_weight > 0 else None
+                                   pp=p.pipeline_model_parallel_size,
+                                   stages=mcore_model.stage_split(counts) if counts else None)
+            if pairs is not None:
+                self.hidden_kd = HiddenKD(
+                    pairs=pairs, weight=a.distill.kd_hidden_weight, plan=plan,
+                    teacher_stages=counts,
+                    student=hidden_distill.Capture(self.module, pairs.student),
+                    teacher=hidden_distill.Capture(self.teacher.module, pairs.teacher,
+                                                   pairs.channels, detach=True))
+                self.hidden_kd.check_aligned()
         self.loss_spec = None
         if self.module.post_process:
             start, rows = model_mod.vocab_shard(self.cfg, model_mod.output_weight(self.module))
@@ -205,18 +215,24 @@ class Trainer:
                                       kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
                                       temperature=a.distill.kd_temperature, group=tp_group)
 
-    def _build_hidden_kd(self) -> "HiddenKD":
-        d = self.args.distill
+    def _hidden_pairs(self) -> tuple:
+        """The compared layer pairs, the prune plan that maps them, and the teacher's layers
+        per pipeline stage that put each pair on one stage (None at PP = 1)."""
+        d, p = self.args.distill, self.args.parallel
+        teacher_cfg = model_mod.source_from_checkpoint(d.teacher).config
         layers = hidden_distill.parse_layers(d.kd_hidden_layers, self.cfg.num_layers)
         # the weights' checkpoint (saved ones keep their source's plan, so a resumed or
         # continued run finds it), else the one a random-init student copies its shape from
         plan = hidden_distill.find_plan([self.source.weights,
                                          self.args.model.pretrained_checkpoint])
-        pairs = hidden_distill.layer_pairs(self.cfg, self.teacher.config, plan, layers)
-        return HiddenKD(pairs=pairs, weight=d.kd_hidden_weight, plan=plan,
-                        student=hidden_distill.Capture(self.module, pairs.student),
-                        teacher=hidden_distill.Capture(self.teacher.module, pairs.teacher,
-                                                       pairs.channels, detach=True))
+        pairs = hidden_distill.layer_pairs(self.cfg, teacher_cfg, plan, layers)
+        if p.pipeline_model_parallel_size == 1:
+            return pairs, plan, None
+        student = layout.stage_layer_counts(
+            self.cfg.num_layers, p.pipeline_model_parallel_size,
+            p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+        counts = hidden_distill.teacher_stage_counts(pairs, student, teacher_cfg.num_layers)
+        return pairs, plan, counts
 
     def _build_data(self) -> None:
         """train / valid / test GPTDatasets and this rank's view of them."""
@@ -274,17 +290,35 @@ class Trainer:
         if hk is not None:
             out += (f"; hidden states of student layers {list(hk.pairs.student)} vs teacher "
                     f"layers {list(hk.pairs.teacher)} (weight {hk.weight:g}"
-                    + (f", mapped by {hk.plan}" if hk.plan else "") + ")")
+                    + (f", mapped by {hk.plan}" if hk.plan else "")
+                    + (f"; teacher stages of {hk.teacher_stages} layers"
+                       if hk.teacher_stages else "") + ")")
         return out
 
     def _forward_step(self, data_iterator, model):
-        batch, teacher_hidden = next(data_iterator)
+        batch, teacher_hidden, teacher_states = next(data_iterator)
         hk = self.hidden_kd
-        if hk is not None:  # PP = 1: the teacher runs here, one micro-batch at a time
+        if hk is not None and teacher_states is None:
+            # PP = 1: the teacher runs here, one micro-batch at a time
             teacher_hidden = self.teacher.forward(batch)
+            teacher_states = hk.teacher.take()
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        states = (hk.student.take(), hk.teacher.take()) if hk is not None else None
+        states = (hk.student.take(), teacher_states) if hk is not None else None
+        if states is not None and not self.module.post_process:
+            out = self._hidden_loss_before_last_stage(out, states, batch["loss_mask"])
         return out, partial(self._loss, batch, teacher_hidden, states)
+
+    def _hidden_loss_before_last_stage(self, out, states, loss_mask):
+        """A stage before the last: its layers' part of the hidden-state loss rides on the
+        backward of the activation it sends on; its sum is kept for the report."""
+        hk = self.hidden_kd
+        if not states[0]:
+            return out
+        hid = hidden_distill.loss_sum(*states, loss_mask, len(hk.pairs.student))
+        self._hidden_sum_here += hid.detach().double()
+        scale = self.module.config.grad_scale_func  # as the schedule scales the last stage's
+        scale = float(scale(torch.ones(1, device=out.device))) if scale else 1.0
+        return hidden_distill.attach_loss(out, hk.weight * hid, scale)
 
     def _loss(self, batch, teacher_hidden, states, hidden):
         h = model_mod.output_hidden(self.module, hidden)
@@ -294,20 +328,35 @@ class Trainer:
                                          self.loss_spec, teacher_hidden, tw)
         hid = torch.zeros_like(ce)
         if states is not None:
-            hid = hidden_distill.loss_sum(*states, batch["loss_mask"])
+            hid = hidden_distill.loss_sum(*states, batch["loss_mask"],
+                                          len(self.hidden_kd.pairs.student))
             loss = loss + self.hidden_kd.weight * hid
         n = batch["loss_mask"].sum().to(torch.int)
         return loss, n, {"sums": torch.stack([ce.detach(), kd.detach(), hid.detach(),
                                               n.float()])}
 
-    def _teacher(self, micro):
-        if self.teacher is None or self.hidden_kd is not None:
-            return [None] * len(micro)
-        return self.teacher.hidden_states(self.forward_backward, micro, self.plan.seq_length,
-                                          self.plan.micro_batch)
+    def _teacher(self, micro) -> list:
+        """(final hidden states, hidden states of the compared layers) per micro-batch, from
+        the teacher's pipelined forward; (None, None) where `_forward_step` runs it (no
+        teacher, or hidden-state distillation at PP = 1)."""
+        hk = self.hidden_kd
+        pp = self.args.parallel.pipeline_model_parallel_size
+        if self.teacher is None or (hk is not None and pp == 1):
+            return [(None, None)] * len(micro)
+        final = self.teacher.hidden_states(self.forward_backward, micro, self.plan.seq_length,
+                                           self.plan.micro_batch)
+        if hk is None:
+            return [(h, None) for h in final]
+        # its forward runs the micro-batches in order on every stage; k states each
+        states, k = hk.teacher.take(), len(hk.teacher.layers)
+        if len(states) != k * len(micro):
+            raise RuntimeError(f"teacher hidden states: {len(states)} for {len(micro)} "
+                               f"micro-batches of {k} layers")
+        return [(h, states[i * k:(i + 1) * k]) for i, h in enumerate(final)]
 
     def _run_schedule(self, micro, forward_only: bool):
-        data = iter(list(zip(micro, self._teacher(micro))))
+        self._hidden_sum_here = torch.zeros((), dtype=torch.float64, device=self.device)
+        data = iter([(b, *t) for b, t in zip(micro, self._teacher(micro))])
         return self.forward_backward(
             forward_step_func=self._forward_step, data_iterator=data, model=[self.ddp],
             num_microbatches=len(micro), seq_length=self.plan.seq_length,
@@ -319,6 +368,7 @@ class Trainer:
         local = torch.zeros(5, dtype=torch.float64, device=self.device)
         for r in reports:
             local[:4] += r["sums"].double()
+        local[2] += self._hidden_sum_here  # stages before the last: their layers' part
         tp = ps.get_tensor_model_parallel_world_size()
         local[:4] /= tp  # every TP rank of the last stage holds the same sums
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
@@ -570,6 +620,15 @@ class HiddenKD:
     plan: Optional[Path]
     student: hidden_distill.Capture
     teacher: hidden_distill.Capture
+    teacher_stages: Optional[list] = None  # layers per teacher pipeline stage (PP > 1)
+
+    def check_aligned(self) -> None:
+        """Every stage holds the teacher layers of its student layers (the split's promise)."""
+        mapped = dict(zip(self.pairs.student, self.pairs.teacher))
+        if [mapped[i] for i in self.student.layers] != self.teacher.layers:
+            raise RuntimeError(f"hidden-state distillation: student layers "
+                               f"{self.student.layers} here, teacher layers "
+                               f"{self.teacher.layers}")
 
 
 def train(args: TrainArgs) -> dict:
