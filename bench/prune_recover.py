@@ -742,8 +742,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # one line per model instead of progress bars; before parse_args, whose imports bring in
+    # tqdm, which reads its TQDM_* variables once, when imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
     a = parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per model instead of progress bars
     p = smoke_protocol() if a.smoke else Protocol()
     if not _cuda():
         p.bf16 = False
