@@ -415,9 +415,10 @@ def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp
 
 
 def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
-    """Hidden-state distillation at PP=2 (the teacher's stages cut to match the student's, the
-    first stage's part of the loss backpropagated through the activation it sends on) trains
-    as at PP=1: the same losses, hidden loss and grad norms, iteration by iteration."""
+    """Hidden-state distillation at PP=2, and at TP=2 x PP=2 (the teacher's stages cut to
+    match the student's, the first stage's part of the loss backpropagated through the
+    activation it sends on), trains as at PP=1: the same losses, hidden loss and grad norms,
+    iteration by iteration."""
     from megatron_prune.prune_plan import PruneTarget
     from megatron_prune.pruning import prune_megatron
     prune_megatron(stories_tp1, tmp_path / "student", PruneTarget(hidden_size=48,
@@ -428,11 +429,16 @@ def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
                         "--pipeline-model-parallel-size", 2))
     # student layers 0, 1 | 2, 3 are teacher layers 0, 1 | 3, 4: its stages hold 2 | 3
     assert "teacher stages of [2, 3] layers" in proc.stdout, proc.stdout[-2000:]
-    a, b = records(tmp_path / "pp1.jsonl"), records(tmp_path / "pp2.jsonl")
+    ok(run_train(4, *common(tmp_path / "student", shakespeare, tmp_path, "tp2pp2"), *kd,
+                 "--pipeline-model-parallel-size", 2, "--tensor-model-parallel-size", 2,
+                 timeout=300))
+    a = records(tmp_path / "pp1.jsonl")
     assert a[0]["hidden_loss"] > 1e-3
-    assert_same_curve(a, b)
-    for ra, rb in zip(a, b):
-        assert rb["hidden_loss"] == pytest.approx(ra["hidden_loss"], rel=1e-5)
+    for run in ("pp2", "tp2pp2"):
+        b = records(tmp_path / f"{run}.jsonl")
+        assert_same_curve(a, b)
+        for ra, rb in zip(a, b):
+            assert rb["hidden_loss"] == pytest.approx(ra["hidden_loss"], rel=1e-5), run
 
 
 def test_teacher_stages_for_hidden_state_kd():
