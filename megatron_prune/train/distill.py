@@ -22,14 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class Teacher:
-    """`stages`: the (first, last) pipeline stage sizes to build it with, where hidden-state
-    distillation needs its layers on given stages; default `teacher_stages`."""
+    """The teacher of the opened checkpoint `ckpt` (`model.open_checkpoint`). `stages`: the
+    (first, last) pipeline stage sizes to build it with, where hidden-state distillation needs
+    its layers on given stages; default `teacher_stages`."""
 
-    def __init__(self, path, *, student_cfg, m, p, dtype, impl, pp: int,
+    def __init__(self, ckpt, *, student_cfg, m, p, dtype, impl, pp: int,
                  stages: Optional[tuple] = None):
-        src = model_mod.source_from_checkpoint(path)
-        ckpt = model_mod.open_checkpoint(path)
-        cfg = src.config
+        path, cfg = ckpt.root, ckpt.config
         if cfg.vocab_size != student_cfg.vocab_size:
             raise ConfigError(f"--teacher {path}: vocab {cfg.vocab_size} differs from the "
                               f"student's {student_cfg.vocab_size}; KD needs the same vocabulary")
@@ -39,7 +38,7 @@ class Teacher:
         m_args = dataclasses.replace(m, recompute_granularity=None)
         self.config = cfg
         self.module = model_mod.build_piece(cfg, m=m_args, p=tp_args, dtype=dtype, impl=impl,
-                                            divisible_by=src.divisible_by)
+                                            divisible_by=ckpt.divisible_by)
         mcore_model.load_legacy_into_model(self.module, path)
         self.module.eval()
         for param in self.module.parameters():

@@ -190,10 +190,11 @@ class Trainer:
         a, p = self.args, self.args.parallel
         self.teacher = self.hidden_kd = None
         if a.distill.teacher:
+            ckpt = model_mod.open_checkpoint(a.distill.teacher)
             pairs, plan, counts = None, None, None
             if a.distill.kd_hidden_weight > 0:
-                pairs, plan, counts = self._hidden_pairs()
-            self.teacher = Teacher(a.distill.teacher, student_cfg=self.cfg, m=a.model, p=p,
+                pairs, plan, counts = self._hidden_pairs(ckpt.config)
+            self.teacher = Teacher(ckpt, student_cfg=self.cfg, m=a.model, p=p,
                                    dtype=self.dtype, impl=self.impl,
                                    pp=p.pipeline_model_parallel_size,
                                    stages=mcore_model.stage_split(counts) if counts else None)
@@ -215,11 +216,10 @@ class Trainer:
                                       kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
                                       temperature=a.distill.kd_temperature, group=tp_group)
 
-    def _hidden_pairs(self) -> tuple:
+    def _hidden_pairs(self, teacher_cfg) -> tuple:
         """The compared layer pairs, the prune plan that maps them, and the teacher's layers
         per pipeline stage that put each pair on one stage (None at PP = 1)."""
         d, p = self.args.distill, self.args.parallel
-        teacher_cfg = model_mod.source_from_checkpoint(d.teacher).config
         layers = hidden_distill.parse_layers(d.kd_hidden_layers, self.cfg.num_layers)
         # the weights' checkpoint (saved ones keep their source's plan, so a resumed or
         # continued run finds it), else the one a random-init student copies its shape from
