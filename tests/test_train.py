@@ -623,6 +623,43 @@ def test_fused_loss_matches_full_logits():
         assert gw[vocab:].abs().max() == 0  # padding rows are no tokens
 
 
+def test_fused_loss_adds_weight_grad_into_main_grad():
+    """Under megatron DDP (the weight has an fp32 `main_grad` and `grad_added_to_main_grad`),
+    the output weight's gradient goes straight into main_grad, accumulating over micro-batches
+    in fp32, and the weight is flagged so DDP's hook does not add it again; a weight shared
+    with the embedding at PP = 1 (`zero_out_wgrad`) gets zeros back, so the embedding's own
+    gradient stays exact."""
+    from megatron_prune.train.loss import LossSpec, fused_output_loss
+    torch.manual_seed(0)
+    n, h, vocab, padded = 24, 16, 40, 48
+    spec = LossSpec(vocab_start=0, real_rows=vocab, chunk_tokens=8)
+    batches = [(torch.randn(n, h), torch.randint(0, vocab, (n,))) for _ in range(2)]
+    w0 = torch.randn(padded, h)
+
+    def run(weight, scale=1.0):
+        for hid, labels in batches:
+            loss, _, _ = fused_output_loss(hid, weight, labels, torch.ones(n), spec)
+            (scale * loss).backward()
+
+    plain = w0.clone().requires_grad_()
+    run(plain, 0.5)  # autograd's own accumulation of the returned gradients
+    ddp = w0.clone().requires_grad_()
+    ddp.main_grad, ddp.grad_added_to_main_grad = torch.zeros(padded, h), False
+    run(ddp, 0.5)
+    assert ddp.grad_added_to_main_grad
+    assert torch.allclose(ddp.main_grad, plain.grad, rtol=1e-6, atol=1e-7)
+    assert ddp.main_grad[vocab:].abs().max() == 0 and ddp.main_grad.abs().max() > 0
+
+    tied = w0.clone().requires_grad_()
+    tied.main_grad, tied.grad_added_to_main_grad, tied.zero_out_wgrad = \
+        torch.zeros(padded, h), False, True
+    ids = torch.randint(0, vocab, (5,))
+    loss, _, _ = fused_output_loss(torch.randn(n, h), tied, batches[0][1], torch.ones(n), spec)
+    (loss + torch.nn.functional.embedding(ids, tied).sum()).backward()
+    emb_grad = torch.zeros(padded, h).index_add_(0, ids, torch.ones(5, h))
+    assert torch.equal(tied.grad, emb_grad)  # what DDP's hook then adds to main_grad
+
+
 def test_user_errors_exit_2(stories_tp1, shakespeare, tmp_path):
     proc = run_train(1, "--pretrained-checkpoint", stories_tp1, "--train-iters", 1,
                      "--seq-length", 32)

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .fusions import addmm_into
+
 
 @dataclass(frozen=True)
 class LossSpec:
@@ -135,27 +137,42 @@ class _FusedOutputLoss(torch.autograd.Function):
                 g.mul_(mc.unsqueeze(1))
                 g = g.to(hidden.dtype)
                 grad_h[s:e] = g @ w
-                if grad_w.dtype == g.dtype:
-                    grad_w.addmm_(g.t(), hc)
-                else:
-                    grad_w += (g.t() @ hc).float()
+                addmm_into(grad_w, g.t(), hc)   # fp32 accumulation, no bf16 chunk partials
                 del g
             del p
         ctx.spec = spec
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, weight)
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss_sum, ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kd):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, weight = ctx.saved_tensors
         gh = gw = None
         if grad_h is not None:
             gh = grad_h * grad_loss.to(grad_h.dtype)
-            gw = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_w.device)
-            gw[: grad_w.shape[0]] = (grad_w * grad_loss).to(ctx.weight_dtype)
+            gw = _weight_grad(weight, grad_w, grad_loss)
         return gh, gw, None, None, None, None, None
+
+
+def _weight_grad(weight: torch.Tensor, grad_w: torch.Tensor, grad_loss: torch.Tensor):
+    """The output weight's gradient from its fp32 accumulator `grad_w` (real rows only).
+
+    Under megatron's DDP the weight has an fp32 `main_grad`: the gradient goes straight into it,
+    as megatron's linear layers do with gradient-accumulation fusion, and the weight is flagged
+    `grad_added_to_main_grad` so that DDP's hook does not add the returned (unfilled) tensor
+    again. Otherwise the gradient comes back in the weight's dtype, as autograd expects. The
+    first path skips rounding the gradient to bf16 and a second pass over it."""
+    rows = grad_w.shape[0]
+    main = getattr(weight, "main_grad", None)
+    if main is not None and hasattr(weight, "grad_added_to_main_grad"):
+        main[:rows].addcmul_(grad_w, grad_loss.to(main.dtype))
+        weight.grad_added_to_main_grad = True
+        zero = getattr(weight, "zero_out_wgrad", False)
+        return (torch.zeros_like if zero else torch.empty_like)(weight)
+    gw = torch.zeros_like(weight)
+    gw[:rows] = (grad_w * grad_loss).to(weight.dtype)
+    return gw
 
 
 def fused_output_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
