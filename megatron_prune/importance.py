@@ -51,12 +51,50 @@ def _mean_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, 1, dim=1, dtype=torch.float32) / x.shape[1]
 
 
+_GRAM_BYTES = 256 << 20  # fp32 bytes of one token chunk of stacked layer boundaries
+_bf16_bmm_to_fp32 = {}    # device -> whether bmm with out_dtype=float32 runs there
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """[c, n, h] -> [c, n, n] fp32 Gram matrices. bf16 inputs go straight into a GEMM that
+    accumulates and writes fp32 where the device has one (CUDA), else they are upcast."""
+    if x.dtype != torch.float32 and x.is_cuda and _bf16_bmm_to_fp32.get(x.device, True):
+        try:
+            g = torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+            _bf16_bmm_to_fp32[x.device] = True
+            return g
+        except (RuntimeError, TypeError, NotImplementedError):
+            _bf16_bmm_to_fp32[x.device] = False
+    x = x.float()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _add_boundary_angles(boundary: list, ang: torch.Tensor, bi: torch.Tensor) -> int:
+    """Per token, the cosine between every pair of layer boundaries (the residual stream
+    entering layer 0 and leaving each layer): adds arccos / pi to `ang` [L+1, L+1] and
+    1 - cos of consecutive boundaries (Block Influence) to `bi` [L], both fp64 on the device
+    (no sync per micro-batch). One Gram matrix per token, in token chunks, straight from the
+    boundaries' own dtype: no normalised fp32 copy of every boundary is made. Returns the
+    number of tokens."""
+    flat = [h.reshape(-1, h.shape[-1]) for h in boundary]
+    n_tok, width = flat[0].shape
+    chunk = max(1, _GRAM_BYTES // (4 * len(flat) * width))
+    for s in range(0, n_tok, chunk):
+        g = _gram(torch.stack([f[s:s + chunk] for f in flat], 1))       # [c, L+1, L+1]
+        norm = g.diagonal(0, 1, 2).clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        cos = g.div_(norm.unsqueeze(2)).div_(norm.unsqueeze(1)).clamp_(-1, 1).double()
+        ang += torch.arccos(cos).sum(0).div_(math.pi)
+        bi += (1 - cos.diagonal(1, 1, 2)).sum(0)
+    return n_tok
+
+
 def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
                       progress: bool = True) -> ImportanceScores:
     stats = _Stats()
     L, d = cfg.num_layers, cfg.head_dim
-    bi = torch.zeros(L, dtype=torch.float64)
-    ang = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    bi = torch.zeros(L, dtype=torch.float64, device=device)
+    ang = torch.zeros(L + 1, L + 1, dtype=torch.float64, device=device)
     ntok = 0
     hooks = []
     for i, layer in enumerate(model.model.layers):
@@ -78,7 +116,6 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
         boundary.append((out[0] if isinstance(out, tuple) else out).detach())
     hooks.append(model.model.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
     hooks += [layer.register_forward_hook(layer_output) for layer in model.model.layers]
-    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for start in tqdm(range(0, len(batches), micro_batch), desc="activation importance",
@@ -86,18 +123,12 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
                 ids = batches[start:start + micro_batch].to(device)
                 boundary.clear()
                 model.model(input_ids=ids)
-                # cosines between all layer boundaries of every token: one batched Gram matrix
-                unit = torch.stack([torch.nn.functional.normalize(
-                    h.reshape(-1, h.shape[-1]).float(), dim=-1) for h in boundary], 1)
-                cos = torch.bmm(unit, unit.transpose(1, 2)).clamp(-1, 1).double()  # [T, L+1, L+1]
-                del unit
-                ang += (torch.arccos(cos) / math.pi).sum(0).cpu()
-                bi += (1 - cos.diagonal(1, 1, 2)).sum(0).cpu()
-                ntok += cos.shape[0]
+                ntok += _add_boundary_angles(boundary, ang, bi)
     finally:
         for h in hooks:
             h.remove()
-    ang = ang / ntok
+    boundary.clear()
+    ang, bi = ang.cpu() / ntok, bi.cpu()
     ang.fill_diagonal_(0)
     heads = torch.stack([stats.l2(("heads", i)) for i in range(L)])
     return ImportanceScores(

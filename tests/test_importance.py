@@ -85,3 +85,26 @@ def test_calibration_errors(stories260k_hf, sampled, tmp_path, capsys):
     assert main(["importance", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "x.pt")]) == 2
     assert "needs calibration text" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_boundary_angles_in_token_chunks(monkeypatch):
+    """The layer-boundary cosines (Block Influence and the angular distances), computed from
+    token chunks of the boundaries' Gram matrices, equal a direct fp64 computation, in fp32
+    and from bf16 boundaries (as far as bf16 holds them)."""
+    from megatron_prune import importance
+    torch.manual_seed(0)
+    base = torch.randn(3, 10, 32, dtype=torch.float64)
+    boundary = [base + 0.3 * i * torch.randn_like(base) for i in range(5)]  # 4 layers
+    x = torch.stack([h.reshape(-1, 32) for h in boundary], 1)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    cos = (unit @ unit.transpose(1, 2)).clamp(-1, 1)
+    want_ang = torch.arccos(cos).sum(0) / torch.pi
+    want_bi = (1 - cos.diagonal(1, 1, 2)).sum(0)
+    monkeypatch.setattr(importance, "_GRAM_BYTES", 4 * 5 * 32 * 7)  # chunks of 7 of 30 tokens
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        ang, bi = torch.zeros(5, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+        n = importance._add_boundary_angles([h.to(dtype) for h in boundary], ang, bi)
+        assert n == 30
+        off = ~torch.eye(5, dtype=torch.bool)  # arccos is steep at cos = 1: no diagonal
+        assert torch.allclose(ang[off], want_ang[off], rtol=tol)
+        assert torch.allclose(bi, want_bi, rtol=tol)
