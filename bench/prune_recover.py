@@ -383,9 +383,8 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
                   variants: Optional[Dict[str, List[str]]] = None, skip: tuple = ()):
     """The recovery runs, in the order they start, and the names of the optional ones.
     `variants` maps BASE@TAG to extra trainer flags appended to run BASE's (the last of a
-    repeated flag wins: a recipe sweep on the same teacher and pruned models); a variant that
-    sets --global-batch-size but not --train-iters keeps the token budget (`_same_tokens`).
-    `skip` leaves base runs out."""
+    repeated flag wins: a recipe sweep on the same teacher and pruned models; `main` has
+    applied `_same_tokens` to them). `skip` leaves base runs out."""
     def flags(name: str, lr: float) -> list:
         return ["--seq-length", p.seq_length, "--micro-batch-size", p.recover_micro_batch,
                 "--global-batch-size", p.recover_global_batch,
@@ -413,7 +412,7 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
         argv = list(jobs[base])
         argv[argv.index("--save") + 1] = r.work / "recovered" / _slug(name)
         argv[argv.index("--log-json") + 1] = _log(r, name)
-        jobs[name] = argv + _same_tokens(p, list(extra))
+        jobs[name] = argv + list(extra)
     for name in skip:
         jobs.pop(name, None)
     # the runs the goals compare first (distillation first: it carries the teacher's forward
@@ -799,6 +798,7 @@ def main(argv=None) -> int:
         p.recover_iters = recovery_iterations(p, teacher["tokens"])
         r.say(f"  recovery: {p.recover_iters} iterations = {p.recover_fraction} of the "
               "teacher's tokens at most")
+    variants = {n: _same_tokens(p, v) for n, v in variants.items()}  # now that iters are known
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods)
     jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)
@@ -821,7 +821,7 @@ def main(argv=None) -> int:
     r.stage_seconds["total"] = time.time() - t_start
     meta = _meta(a, data, r.stage_seconds)
     meta["skipped"] = skipped
-    meta["variants"] = {n: _same_tokens(p, v) for n, v in variants.items() if n in done}
+    meta["variants"] = {n: v for n, v in variants.items() if n in done}
     write_report(out, p, meta, teacher, ev, {n: _log(r, n) for n in done})
     print((out / "results.md").read_text())
     return 0
