@@ -338,7 +338,31 @@ def _jsonl(path: Path) -> list:
 
 
 # ---------------------------------------------------------------------------- 3. prune
-def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str]) -> dict:
+def _method(key: str) -> str:
+    """The importance method of a pruned model's key ("activation", or "activation:TAG" for
+    a --prune-variant)."""
+    return key.split(":", 1)[0]
+
+
+def prune_flags(p: Protocol, method: str, scores: Optional[Path], extra: tuple = ()) -> list:
+    """`megatron-prune prune` flags that choose what a method keeps, then a --prune-variant's
+    `extra` flags (its --drop-layers replaces the method's choice of layers)."""
+    s, t = p.student, p.teacher
+    flags = ["--importance", method, "--seed", 0] + (["--scores", scores] if scores else [])
+    if method == "magnitude":
+        # weight norms say nothing about a whole layer; drop, without data, the layers
+        # just before the last (the deep layers are the most redundant: Gromov et al. 2024)
+        layers = ["--drop-layers", ",".join(str(i) for i in range(s.layers - 1, t.layers - 1))]
+    else:
+        layers = ["--num-layers-remain", s.layers]
+    # the prune command takes one of the two: a variant's own list of layers wins
+    return flags + (layers if "--drop-layers" not in extra else []) + list(extra)
+
+
+def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str],
+              prune_variants: Optional[Dict[str, List[str]]] = None) -> dict:
+    """Importance of the teacher, then one pruned model per method and per --prune-variant
+    (METHOD:TAG, pruned from METHOD's scores with extra prune flags): {key: checkpoint}."""
     teacher = r.work / "teacher"
     scores = {}
     jobs = {}
@@ -350,33 +374,26 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str]) -> dict:
                 "--importance", m, "--samples", p.calib_samples, "--seq-length", p.seq_length,
                 "--micro-batch-size", 4, "--save", scores[m], "--force"]
     r.run_many(jobs, parallel=2)
-    s, t = p.student, p.teacher
-    jobs = {}
-    for m in methods:
-        flags = ["--importance", m, "--seed", 0]
-        if m in scores:
-            flags += ["--scores", scores[m]]
-        if m == "magnitude":
-            # weight norms say nothing about a whole layer; drop, without data, the layers
-            # just before the last (the deep layers are the most redundant: Gromov et al. 2024)
-            flags += ["--drop-layers", ",".join(str(i) for i in range(
-                s.layers - 1, t.layers - 1))]
-        else:
-            flags += ["--num-layers-remain", s.layers]
-        jobs[f"prune_{m}"] = CLI + [
-            "prune", "--load", teacher, "--save", r.work / f"pruned_{m}",
-            "--hidden-size-remain", s.hidden, "--num-attention-heads-remain", s.heads,
-            "--num-query-groups-remain", s.groups, "--ffn-hidden-size-remain", s.ffn,
-            "--force", *flags]
+    s = p.student
+    todo = {m: () for m in methods}
+    todo.update({k: tuple(v) for k, v in (prune_variants or {}).items()})
+    out = {k: r.work / f"pruned_{_slug(k)}" for k in todo}
+    jobs = {f"prune_{k}": CLI + [
+        "prune", "--load", teacher, "--save", out[k], "--hidden-size-remain", s.hidden,
+        "--num-attention-heads-remain", s.heads, "--num-query-groups-remain", s.groups,
+        "--ffn-hidden-size-remain", s.ffn, "--force",
+        *prune_flags(p, _method(k), scores.get(_method(k)), extra)]
+        for k, extra in todo.items()}
     r.run_many(jobs, parallel=4)
-    return {m: r.work / f"pruned_{m}" for m in methods}
+    return out
 
 
 # ---------------------------------------------------------------------------- 4. recover
 def run_names(methods: List[str], kd_methods: List[str]) -> List[str]:
-    """The base recovery runs of these methods (what --variant and --skip may name)."""
+    """The base recovery runs of these methods, or pruned models' keys (METHOD:TAG for a
+    --prune-variant): what --variant and --skip may name."""
     return [f"{m}_{k}" for m in methods for k in ("lm", "kd")
-            if k == "lm" or m in kd_methods] + ["scratch"]
+            if k == "lm" or _method(m) in kd_methods] + ["scratch"]
 
 
 def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: List[str],
@@ -392,13 +409,13 @@ def recovery_jobs(r: Runner, p: Protocol, data: dict, pruned: dict, kd_methods: 
                 "--min-lr", lr * p.recover_min_lr, "--lr-decay-style", p.recover_decay_style,
                 "--weight-decay", 0.1, "--clip-grad", 1.0,
                 "--seed", 4321, "--eval-interval", p.eval_interval, "--eval-iters", p.eval_iters,
-                "--save", r.work / "recovered" / name, "--log-json", _log(r, name),
+                "--save", r.work / "recovered" / _slug(name), "--log-json", _log(r, name),
                 *_data_flags(data), *(["--bf16"] if p.bf16 else [])]
 
     jobs = {}
     for m, path in pruned.items():
         jobs[f"{m}_lm"] = TRAIN + ["--pretrained-checkpoint", path] + flags(f"{m}_lm", p.recover_lr)
-        if m in kd_methods:
+        if _method(m) in kd_methods:
             hidden = ["--kd-hidden-weight", p.kd_hidden_weight] if p.kd_hidden_weight else []
             jobs[f"{m}_kd"] = TRAIN + ["--pretrained-checkpoint", path, "--teacher",
                                        r.work / "teacher", "--kd-temperature", p.kd_temperature,
@@ -517,6 +534,8 @@ def _label(name: str) -> str:
     if name in ("teacher", "scratch"):
         return {"teacher": "teacher (unpruned)", "scratch": "random init, pruned shape"}[name]
     method, kind = name.rsplit("_", 1)
+    if ":" in method:  # a --prune-variant
+        method = "{} ({} prune)".format(*method.split(":", 1))
     return {"pruned": f"{method}: pruned, no training", "lm": f"{method} + LM loss",
             "kd": f"{method} + distillation"}[kind]
 
@@ -532,8 +551,9 @@ def _ordered(ev: dict) -> list:
             return (*key(base), tag)
         if name in rank:
             return (*rank[name], "")
-        method, kind = name.rsplit("_", 1)
-        return (1, METHODS.index(method) if method in METHODS else 9, kinds[kind], "")
+        model, kind = name.rsplit("_", 1)
+        method, _, tag = model.partition(":")
+        return (1, METHODS.index(method) if method in METHODS else 9, tag, kinds[kind], "")
     return sorted(ev.items(), key=lambda kv: key(kv[0]))
 
 
@@ -572,6 +592,10 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
     if meta.get("variants"):
         lines += ["", "Variants (the base run's flags, then these):"]
         lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in meta["variants"].items()]
+    if meta.get("prune_variants"):
+        lines += ["", "Prune variants (the method's `megatron-prune prune` flags, then these):"]
+        lines += [f"- {_label(n + '_pruned').split(':')[0]}: `{' '.join(map(str, v))}`"
+                  for n, v in meta["prune_variants"].items()]
     if meta.get("skipped"):
         lines += ["", "Not run (they would have ended after `--time-budget`): "
                   + ", ".join(_label(n) for n in meta["skipped"]) + "."]
@@ -728,6 +752,11 @@ def parse_args(argv=None):
                     help="also run RUN (e.g. activation_kd) with these trainer flags appended, "
                          "as RUN@TAG, e.g. --variant 'activation_kd@lr2e-3=--lr 2e-3 --min-lr "
                          "2e-4'; repeatable (a recipe sweep on one teacher)")
+    ap.add_argument("--prune-variant", action="append", default=[], metavar="METHOD:TAG=FLAGS",
+                    help="also prune with METHOD's scores and these `megatron-prune prune` flags "
+                         "appended (a --drop-layers list replaces the method's choice of "
+                         "layers), and recover it as METHOD:TAG_lm / METHOD:TAG_kd, e.g. "
+                         "--prune-variant 'activation:last=--drop-layers 8,9,10'; repeatable")
     ap.add_argument("--skip", default="",
                     help="comma-separated recovery runs to leave out, e.g. scratch,random_lm")
     from megatron_prune.train.arguments import LR_DECAY_STYLES
@@ -739,6 +768,22 @@ def parse_args(argv=None):
                     help="recovery tokens = at most this fraction of the teacher's (default "
                          "1/6, the most issue 7 allows); --recover-iters alone replaces it")
     return ap.parse_args(argv)
+
+
+def parse_prune_variants(texts: List[str], methods: List[str]) -> Dict[str, List[str]]:
+    """--prune-variant METHOD:TAG=FLAGS -> {METHOD:TAG: flags}, checked before any training."""
+    out = {}
+    for v in texts:
+        key, eq, flags = v.partition("=")
+        method, colon, tag = key.partition(":")
+        if not eq or not colon or not tag or any(c in tag for c in "@_:"):
+            raise SystemExit(f"--prune-variant {v!r}: write METHOD:TAG=FLAGS (TAG without "
+                             "'@', '_' or ':')")
+        if method not in methods:
+            raise SystemExit(f"--prune-variant {v!r}: {method!r} is not among --methods "
+                             f"({', '.join(methods)})")
+        out[key] = shlex.split(flags)
+    return out
 
 
 def main(argv=None) -> int:
@@ -769,7 +814,8 @@ def main(argv=None) -> int:
         if _global_batch(variants[name], p) % mbs:  # the trainer would refuse it, much later
             raise SystemExit(f"--variant {v!r}: the global batch is not a multiple of the "
                              f"micro-batch ({mbs}); set --micro-batch-size too")
-    runs = run_names(methods, kd_methods)
+    prune_variants = parse_prune_variants(a.prune_variant, methods)
+    runs = run_names(methods + list(prune_variants), kd_methods)
     skip = tuple(n for n in a.skip.split(",") if n)
     for name in [v.split("@")[0] for v in variants] + list(skip):
         if name not in runs:  # before the teacher trains for minutes
@@ -800,7 +846,7 @@ def main(argv=None) -> int:
               "teacher's tokens at most")
     variants = {n: _same_tokens(p, v) for n, v in variants.items()}  # now that iters are known
     with r.stage("importance + prune"):
-        pruned = prune_all(r, p, data, methods)
+        pruned = prune_all(r, p, data, methods, prune_variants)
     jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)
     models = {"teacher": work / "teacher"}
     models.update({f"{m}_pruned": path for m, path in pruned.items()})
@@ -822,6 +868,7 @@ def main(argv=None) -> int:
     meta = _meta(a, data, r.stage_seconds)
     meta["skipped"] = skipped
     meta["variants"] = {n: v for n, v in variants.items() if n in done}
+    meta["prune_variants"] = prune_variants
     write_report(out, p, meta, teacher, ev, {n: _log(r, n) for n in done})
     print((out / "results.md").read_text())
     return 0

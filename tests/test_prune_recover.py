@@ -20,13 +20,16 @@ def test_prune_recover_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prune_recover.py"), "--smoke",
                            "--out", str(tmp_path), "--workers", "2", "--data", str(DATA),
                            "--recover-fraction", "1/6",
-                           "--variant", "activation_kd@logits=--kd-hidden-weight 0"],
+                           "--variant", "activation_kd@logits=--kd-hidden-weight 0",
+                           "--prune-variant", "activation:last=--drop-layers 0",
+                           "--skip", "activation:last_lm"],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     ev = res["eval"]
     methods = ("random", "magnitude", "activation", "taylor")
-    assert set(ev) == {"teacher", "scratch", "activation_kd@logits"} | {
+    assert set(ev) == {"teacher", "scratch", "activation_kd@logits", "activation:last_pruned",
+                       "activation:last_kd"} | {
         f"{m}_{k}" for m in methods for k in ("pruned", "lm", "kd")}
     t = ev["teacher"]
     for m in methods:  # pruning removed parameters; training helped every pruned model
@@ -40,6 +43,11 @@ def test_prune_recover_smoke(tmp_path):
     assert p["recover_iters"] * per_iter <= res["teacher"]["tokens"] / 6
     assert (p["recover_iters"] + 1) * per_iter > res["teacher"]["tokens"] / 6
     assert "hidden states of student layers" in (tmp_path / "run.log").read_text()
+    # the prune variant kept the teacher's last layer, and distilled through its plan
+    plan = json.loads((tmp_path / "work" / "pruned_activation-last" / "prune_plan.json")
+                      .read_text())
+    assert plan["keep_layers"] == [1]
+    assert "activation (last prune) + distillation" in (tmp_path / "results.md").read_text()
     for f in ("results.md", "recover_curves.png", "teacher_curve.png", "run.log"):
         assert (tmp_path / f).stat().st_size > 0
 
@@ -68,3 +76,24 @@ def test_batch_size_variant_keeps_the_tokens():
     assert pr._same_tokens(p, both) == both
     with pytest.raises(SystemExit, match="multiple of the micro-batch"):
         pr.main(["--out", "x", "--variant", "activation_kd@b4=--global-batch-size 4"])
+
+
+def test_prune_variant_flags():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import prune_recover as pr
+    p = pr.Protocol()  # 12 -> 9 layers
+    base = ["--importance", "activation", "--seed", 0, "--scores", "s.pt"]
+    assert pr.prune_flags(p, "activation", "s.pt") == base + ["--num-layers-remain", 9]
+    # a variant's own layers replace the method's choice (the prune command takes one)
+    assert pr.prune_flags(p, "activation", "s.pt", ("--drop-layers", "8,9,10")) == \
+        base + ["--drop-layers", "8,9,10"]
+    assert pr.prune_flags(p, "activation", "s.pt", ("--layer-method", "contiguous")) == \
+        base + ["--num-layers-remain", 9, "--layer-method", "contiguous"]
+    assert pr.prune_flags(p, "magnitude", None)[-2:] == ["--drop-layers", "8,9,10"]
+    pv = pr.parse_prune_variants(["activation:last=--drop-layers 8,9,10"], ["activation"])
+    assert pv == {"activation:last": ["--drop-layers", "8,9,10"]}
+    assert pr.run_names(["activation", *pv], ["activation"]) == [
+        "activation_lm", "activation_kd", "activation:last_lm", "activation:last_kd", "scratch"]
+    for bad in ("activation=--seed 1", "activation:a_b=x", "activation:=x", "taylor:t=x"):
+        with pytest.raises(SystemExit, match="--prune-variant"):
+            pr.parse_prune_variants([bad], ["activation"])
