@@ -26,6 +26,8 @@ One run, on one GPU machine (about 9 minutes on an H100), or on the CPU with `--
 
 usage: python bench/prune_recover.py --out results/ --time-budget 500   # one H100: < 10 min
        python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
+A sweep on one teacher adds runs with trainer flags (--variant RUN@TAG=FLAGS) or pruned models
+with prune flags (--prune-variant METHOD:TAG=FLAGS) appended; docs/benchmarks.md has examples.
 """
 from __future__ import annotations
 
