@@ -535,11 +535,16 @@ def _label(name: str) -> str:
         return f"{_label(base)} [{tag}]"
     if name in ("teacher", "scratch"):
         return {"teacher": "teacher (unpruned)", "scratch": "random init, pruned shape"}[name]
-    method, kind = name.rsplit("_", 1)
-    if ":" in method:  # a --prune-variant
-        method = "{} ({} prune)".format(*method.split(":", 1))
-    return {"pruned": f"{method}: pruned, no training", "lm": f"{method} + LM loss",
-            "kd": f"{method} + distillation"}[kind]
+    model, kind = name.rsplit("_", 1)
+    m = _model_label(model)
+    return {"pruned": f"{m}: pruned, no training", "lm": f"{m} + LM loss",
+            "kd": f"{m} + distillation"}[kind]
+
+
+def _model_label(model: str) -> str:
+    """A pruned model's key as the table names it: "activation", "activation (TAG prune)"."""
+    method, _, tag = model.partition(":")
+    return f"{method} ({tag} prune)" if tag else method
 
 
 def _ordered(ev: dict) -> list:
@@ -596,7 +601,7 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
         lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in meta["variants"].items()]
     if meta.get("prune_variants"):
         lines += ["", "Prune variants (the method's `megatron-prune prune` flags, then these):"]
-        lines += [f"- {_label(n + '_pruned').split(':')[0]}: `{' '.join(map(str, v))}`"
+        lines += [f"- {_model_label(n)}: `{' '.join(map(str, v))}`"
                   for n, v in meta["prune_variants"].items()]
     if meta.get("skipped"):
         lines += ["", "Not run (they would have ended after `--time-budget`): "
