@@ -358,7 +358,8 @@ def prune_flags(p: Protocol, method: str, scores: Optional[Path], extra: tuple =
     else:
         layers = ["--num-layers-remain", s.layers]
     # the prune command takes one of the two: a variant's own list of layers wins
-    return flags + (layers if "--drop-layers" not in extra else []) + list(extra)
+    own = {"--drop-layers", "--drop_layers"} & {str(x) for x in extra}
+    return flags + ([] if own else layers) + list(extra)
 
 
 def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str],

@@ -87,6 +87,8 @@ def test_prune_variant_flags():
     # a variant's own layers replace the method's choice (the prune command takes one)
     assert pr.prune_flags(p, "activation", "s.pt", ("--drop-layers", "8,9,10")) == \
         base + ["--drop-layers", "8,9,10"]
+    assert pr.prune_flags(p, "activation", "s.pt", ("--drop_layers", "8,9,10")) == \
+        base + ["--drop_layers", "8,9,10"]  # the prune command's other spelling
     assert pr.prune_flags(p, "activation", "s.pt", ("--layer-method", "contiguous")) == \
         base + ["--num-layers-remain", 9, "--layer-method", "contiguous"]
     assert pr.prune_flags(p, "magnitude", None)[-2:] == ["--drop-layers", "8,9,10"]
