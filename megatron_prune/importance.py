@@ -9,6 +9,9 @@ activation — forward passes only, hooks on the model:
     the calibration samples;
   * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
     distance between every pair of layer boundaries (for dropping a contiguous block).
+layer loss (`layer_losses`, optional beside either method) — the calibration LM loss with each
+  layer skipped in turn (its output replaced by its input): one forward pass over the data per
+  layer. The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
 taylor — first-order Taylor importance |w * dL/dw| summed over each structure's weights, with the
   LM loss on the calibration data (the gradient-sensitivity criterion of the BlockSheared design).
 
@@ -164,8 +167,39 @@ def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: i
     return scores
 
 
+def _skip_layer(m, args, kwargs, out):
+    """Forward hook: the layer hands on its input unchanged."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
+
+
+@torch.no_grad()
+def _mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
+    """Mean next-token loss over all b x (s-1) positions of the calibration batches."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(batches), micro_batch):
+        ids = batches[start:start + micro_batch].to(device)
+        total += model(input_ids=ids, labels=ids).loss.double() * len(ids)
+    return float(total) / len(batches)
+
+
+def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
+                 progress: bool = True) -> dict:
+    """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}."""
+    out = {"loss": _mean_loss(model, batches, micro_batch), "layer_loss": []}
+    for layer in tqdm(model.model.layers, desc="layer loss", disable=not progress, unit="layer"):
+        hook = layer.register_forward_hook(_skip_layer, with_kwargs=True)
+        try:
+            out["layer_loss"].append(_mean_loss(model, batches, micro_batch))
+        finally:
+            hook.remove()
+    return out
+
+
 def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: int = 4,
-                       device=None) -> ImportanceScores:
+                       device=None, layer_loss: bool = False) -> ImportanceScores:
+    """`method` scores of `source`; with `layer_loss`, also `layer_losses` in their meta."""
     if method not in METHODS:
         raise ConfigError(f"--importance {method}: data-driven methods are {METHODS}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,4 +209,7 @@ def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: 
                           "tokenizer and model do not match")
     model = hf_model_from_source(source, device=device)
     fn = activation_scores if method == "activation" else taylor_scores
-    return fn(model, batches, source.config, micro_batch)
+    scores = fn(model, batches, source.config, micro_batch)
+    if layer_loss:
+        scores.meta.update(layer_losses(model.eval(), batches, micro_batch))
+    return scores

@@ -30,6 +30,10 @@ taylor — |w * mean dL/dw| with the LM loss over the real (unpadded) vocab; bac
   the micro-batches) sum their grads too. Each rank's element scores are placed
   into the HF tensors they are a part of (through `layout`'s split rules) and summed per
   structure by `scores.weight_structure_scores`; the per-structure sums are all-reduced.
+layer loss (`layer_loss=True`, beside either method) — the calibration LM loss (HF's mean over
+  the real vocab) with each layer skipped in turn: a forward hook on the stage that holds the
+  layer hands its input on; the last stage sums the loss, one SUM all-reduce adds the
+  data-parallel replicas' shares (counted on TP rank 0 of the last stage).
 
 Only global rank 0 gets the scores (every other rank gets None).
 """
@@ -400,18 +404,72 @@ def _taylor(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bool):
                             meta={"samples": len(batches), "seq_length": batches.shape[1]})
 
 
+# ============================================================================ layer loss
+def _skip_layer(m, args, kwargs, out):
+    """Forward hook: the layer hands on its input unchanged (megatron-core layers return
+    (hidden_states, context))."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _loss_sum(run: _Run, batches: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """Sum over this replica's samples of the mean next-token loss (non-zero on TP rank 0 of
+    the last stage only, so that one SUM all-reduce over the world totals the replicas)."""
+    from megatron.core import tensor_parallel
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    for ids in run.my_batches(batches, micro_batch):
+        out = mcore_model.pipeline_forward(run.model, ids)
+        if out is not None:
+            logits = _masked_vocab(out, run)[:, :-1].float().contiguous()
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(logits,
+                                                                     ids[:, 1:].contiguous())
+            if run.tp_rank == 0:
+                total += per_token.double().mean(1).sum()
+    return total
+
+
+def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
+                  progress: bool) -> Optional[dict]:
+    """{"loss", "layer_loss"} as `importance.layer_losses`, on global rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+    L = run.cfg.num_layers
+    sums = torch.zeros(L + 1, dtype=torch.float64, device=run.device)  # [base, skip 0..L-1]
+    run.model.eval()
+    with torch.no_grad():
+        sums[0] = _loss_sum(run, batches, micro_batch)
+        for i in tqdm(range(L), desc="layer loss", unit="layer",
+                      disable=not progress or dist.get_rank() != 0):
+            hook = None
+            if run.start <= i < run.end:
+                layer = run.model.decoder.layers[i - run.start]
+                hook = layer.register_forward_hook(_skip_layer, with_kwargs=True)
+            try:
+                sums[i + 1] = _loss_sum(run, batches, micro_batch)
+            finally:
+                if hook is not None:
+                    hook.remove()
+    run.all_reduce(sums)
+    if dist.get_rank() != 0:
+        return None
+    mean = (sums / len(batches)).tolist()
+    return {"loss": mean[0], "layer_loss": mean[1:]}
+
+
 # ============================================================================ entry point
 def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_batch: int = 4,
                                 *, tp: Optional[int] = None, pp: Optional[int] = None,
                                 dtype: torch.dtype = torch.float32, seed: int = 1234,
-                                progress: bool = True) -> Optional[ImportanceScores]:
+                                progress: bool = True,
+                                layer_loss: bool = False) -> Optional[ImportanceScores]:
     """Scores of a legacy Megatron checkpoint measured by megatron-core on this launch's ranks.
 
     Call on every rank with the same `batches` [samples, seq]; global rank 0 gets the scores,
     the others None. TP/PP: see `resolve_parallel`; world size / (TP x PP) replicas share the
-    micro-batches (data parallel). The process group and megatron-core's model-parallel groups
-    are set up when missing and torn down afterwards; a caller's own stay (to call this several
-    times in one launch, initialise torch.distributed first)."""
+    micro-batches (data parallel). `layer_loss`: also `_layer_losses` in the meta. The process
+    group and megatron-core's model-parallel groups are set up when missing and torn down
+    afterwards; a caller's own stay (to call this several times in one launch, initialise
+    torch.distributed first)."""
     from .megatron_checkpoint import LegacyCheckpoint, check_megatron_input, checkpoint_format
     if method not in METHODS:
         raise ConfigError(f"--importance {method}: data-driven methods are {METHODS}")
@@ -439,6 +497,10 @@ def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_
         else:
             run.model.train()  # no dropout in these models; grads flow the same either way
             scores = _taylor(run, batches, micro_batch, progress)
+        if layer_loss:
+            losses = _layer_losses(run, batches, micro_batch, progress)
+            if scores is not None:
+                scores.meta.update(losses)
         if scores is not None:
             scores.meta.update(backend="megatron", tp=tp, pp=pp, dp=run.dp)
         return scores

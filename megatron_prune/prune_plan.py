@@ -23,7 +23,7 @@ from .config import ConfigError, ModelConfig
 from .scores import ImportanceScores
 
 PRUNE_TYPES = ("balance", "global")
-LAYER_METHODS = ("block-influence", "contiguous")
+LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
 
 
 @dataclass
@@ -187,6 +187,12 @@ def _keep_layers(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> 
         k = L - n  # drop the block [i, i+k) whose input and output are closest
         i = min(range(L - k + 1), key=lambda i: (float(ang[i, i + k]), i))
         return [j for j in range(L) if not i <= j < i + k]
+    if t.layer_method == "perplexity":
+        loss = scores.meta.get("layer_loss")
+        if loss is None:
+            raise ConfigError("--layer-method perplexity needs the calibration loss with each "
+                              "layer skipped: run `megatron-prune importance --layer-loss`")
+        return _top(torch.as_tensor(loss, dtype=torch.float64), n)  # keep the costliest to skip
     if scores.layers is None:
         raise ConfigError(f"--num-layers-remain needs layer scores, which '{scores.method}' "
                           "importance does not give: use activation/taylor/random, or --drop-layers")

@@ -78,6 +78,39 @@ def test_activation_beats_random_masks_on_stories260k(stories260k_hf, sampled):
         assert results["activation"][1] < results["random"][1], (seed, results)
 
 
+def test_layer_loss_is_the_loss_of_the_model_without_that_layer(stories260k_hf, sampled,
+                                                                  tmp_path, capsys):
+    """`importance --layer-loss`: the calibration loss with layer i skipped equals the loss of
+    the model pruned to drop layer i; `prune --layer-method perplexity` keeps the layers whose
+    skipping costs most. Without the data pass the flag is refused."""
+    from megatron_prune.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.importance import _mean_loss
+    from megatron_prune.prune_plan import PrunePlan
+    calib = ["--data", str(sampled[0]), "--samples", "8", "--seq-length", "64",
+             "--micro-batch-size", "3"]
+    assert main(["importance", "--hf-dir", str(stories260k_hf), "--layer-loss",
+                 "--save", str(tmp_path / "s.pt")] + calib) == 0
+    meta = ImportanceScores.load(tmp_path / "s.pt").meta
+    batches = calibration_batches(load_tokenizer(stories260k_hf), [sampled[0]], 8, 64)
+    src = convert.open_source(stories260k_hf)
+    assert meta["loss"] == pytest.approx(_mean_loss(load_hf_model(stories260k_hf), batches, 3),
+                                         rel=1e-6)
+    for i in range(5):
+        plan = make_plan(src.config, PruneTarget(drop_layers=[i]), random_scores(src.config, 0))
+        pruned = hf_model_from_source(PrunedSource(src, plan))
+        assert meta["layer_loss"][i] == pytest.approx(_mean_loss(pruned, batches, 3), rel=1e-6)
+    assert min(meta["layer_loss"]) > meta["loss"]
+    assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "p"),
+                 "--num-layers-remain", "3", "--layer-method", "perplexity",
+                 "--importance", "activation", "--scores", str(tmp_path / "s.pt")]) == 0
+    costliest = sorted(sorted(range(5), key=lambda i: -meta["layer_loss"][i])[:3])
+    assert PrunePlan.load(tmp_path / "p" / "prune_plan.json").keep_layers == costliest
+    assert main(["importance", "--hf-dir", str(stories260k_hf), "--importance", "magnitude",
+                 "--layer-loss", "--save", str(tmp_path / "m.pt")]) == 2
+    assert "--layer-loss runs the model" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_calibration_errors(stories260k_hf, sampled, tmp_path, capsys):
     assert main(["importance", "--hf-dir", str(stories260k_hf), "--data", str(sampled[0]),
                  "--samples", "100000", "--seq-length", "64", "--save", str(tmp_path / "x.pt")]) == 2

@@ -4,7 +4,7 @@ Every multi-rank run is a real launch: `torchrun --nproc_per_node 2 -m megatron_
 --load DIR` (backend auto = megatron), or a script launched the same way. Tolerances (atol 0):
 activation scores agree to rtol 1e-5 (measured: <= 4e-7 relative, every field and the angular
 matrix), taylor scores to rtol 2e-5 (measured: <= 3e-7 on the random model here, <= 2.2e-6 on
-stories260K at TP=2: products of fp32 gradients).
+stories260K at TP=2: products of fp32 gradients), `--layer-loss` losses to rtol 1e-5.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ pytest.importorskip("megatron.core")
 
 RTOL_ACTIVATION = 1e-5
 RTOL_TAYLOR = 2e-5
+RTOL_LOSS = 1e-5
 FIELDS = ("hidden", "heads", "groups", "ffn", "layers")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -52,6 +53,10 @@ def assert_same(a: ImportanceScores, b: ImportanceScores, rtol: float, angular: 
     if angular:
         x, y = torch.tensor(a.meta["angular"]), torch.tensor(b.meta["angular"])
         assert x.shape == y.shape and torch.allclose(x, y, rtol=rtol, atol=0)
+    assert ("layer_loss" in a.meta) == ("layer_loss" in b.meta)
+    if "layer_loss" in a.meta:  # --layer-loss: the loss with each layer skipped
+        x, y = (torch.tensor([m["loss"]] + m["layer_loss"]) for m in (a.meta, b.meta))
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=RTOL_LOSS, atol=0), (x, y)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,8 @@ def calib(stories260k_hf, tmp_path_factory):
     text.write_text("\n\n".join(sample_text(load_hf_model(stories260k_hf),
                                             load_tokenizer(stories260k_hf), 12, 96, 0)))
     args = {"activation": ["--data", text, "--samples", "8", "--seq-length", "64",
-                           "--micro-batch-size", "3", "--importance", "activation"]}
+                           "--micro-batch-size", "3", "--importance", "activation",
+                           "--layer-loss"]}
     args = {k: [str(x) for x in v] for k, v in args.items()}
     hf = {}
     for method in args:
@@ -114,7 +120,7 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
     (resharded on load) and at TP=PP=1 with 2 data-parallel replicas sharing an odd number of
     micro-batches; all equal the HF path."""
     from megatron_prune.hf_model import load_hf_model
-    from megatron_prune.importance import activation_scores, taylor_scores
+    from megatron_prune.importance import activation_scores, layer_losses, taylor_scores
     from megatron_prune.megatron_checkpoint import LegacyCheckpoint
     from megatron_prune.verify import random_tokens
 
@@ -131,7 +137,8 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
         for method in ("activation", "taylor"):
             for tp, pp in ((1, 2), (2, 1), (1, 1)):
                 s = compute_importance_megatron({str(tmp_path / "pp2")!r}, method, x, 2,
-                                                tp=tp, pp=pp, progress=False)
+                                                tp=tp, pp=pp, progress=False,
+                                                layer_loss=method == "taylor")
                 if s is not None:
                     s.save({str(tmp_path)!r} + f"/{{method}}_tp{{tp}}pp{{pp}}.pt")
                     print("DP", s.meta["dp"])
@@ -144,6 +151,7 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
     x = random_tokens(300, 6, 24, 0)
     want = {"activation": activation_scores(load_hf_model(hf), x, cfg, 2, progress=False),
             "taylor": taylor_scores(load_hf_model(hf), x, cfg, 2, progress=False)}
+    want["taylor"].meta.update(layer_losses(load_hf_model(hf), x, 2, progress=False))
     for method, rtol in (("activation", RTOL_ACTIVATION), ("taylor", RTOL_TAYLOR)):
         for tp, pp in ((1, 2), (2, 1), (1, 1)):
             got = ImportanceScores.load(tmp_path / f"{method}_tp{tp}pp{pp}.pt")

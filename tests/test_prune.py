@@ -180,6 +180,16 @@ def test_depth_only_prune_by_layer_scores(hf, tmp_path):
     assert plan.target["hidden_size"] == cfg.hidden_size  # width untouched
 
 
+def test_perplexity_layer_method_needs_layer_losses(hf):
+    cfg = _cfg(hf)
+    s = random_scores(cfg, 0)
+    target = PruneTarget(num_layers=3, layer_method="perplexity")
+    with pytest.raises(ConfigError, match="importance --layer-loss"):
+        make_plan(cfg, target, s)
+    s.meta.update(loss=2.0, layer_loss=[9.0, 2.1, 3.0, 2.2, 2.5])
+    assert make_plan(cfg, target, s).keep_layers == [0, 2, 4]
+
+
 def _fails(argv, tmp_path, capsys, match):
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(argv) == 2

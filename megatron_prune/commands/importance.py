@@ -16,6 +16,9 @@ def _backend(a, world: int) -> str:
     if backend == "auto":
         backend = "megatron" if world > 1 else "hf"
     if a.importance in ("random", "magnitude"):
+        if a.layer_loss:
+            raise ConfigError(f"--layer-loss runs the model on calibration data; use it with "
+                              f"--importance activation or taylor, not {a.importance}")
         return "none"  # data-free: no model runs
     if backend == "megatron" and a.hf_dir:
         raise ConfigError("--backend megatron runs a Megatron checkpoint (--load DIR); for "
@@ -61,11 +64,12 @@ def _run(a) -> int:
             scores = compute_importance_megatron(
                 a.load, a.importance, batches, a.micro_batch_size,
                 tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
-                seed=a.seed, progress=rank == 0)
+                seed=a.seed, progress=rank == 0, layer_loss=a.layer_loss)
             if scores is None:  # not global rank 0: only rank 0 writes the scores file
                 return 0
         else:
-            scores = compute_importance(source, a.importance, batches, a.micro_batch_size)
+            scores = compute_importance(source, a.importance, batches, a.micro_batch_size,
+                                        layer_loss=a.layer_loss)
     scores.meta.setdefault("source", str(path))
     tmp = Path(str(a.save) + ".tmp")
     scores.save(tmp)
@@ -100,6 +104,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--importance", choices=("activation", "taylor", "magnitude", "random"),
                    default="activation")
+    p.add_argument("--layer-loss", action="store_true",
+                   help="also measure the calibration loss with each layer skipped (one more "
+                        "forward pass over the data per layer), for prune --layer-method "
+                        "perplexity")
     p.add_argument("--samples", type=int, default=1024, help="calibration sequences")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)

@@ -32,7 +32,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="keep this many layers, chosen by layer importance")
     g.add_argument("--layer-method", choices=LAYER_METHODS, default="block-influence",
                    help="with --num-layers-remain: drop the layers of lowest Block Influence "
-                        "(1 - cos(in, out)), or the contiguous block with least angular distance")
+                        "(1 - cos(in, out)), the contiguous block with least angular distance, "
+                        "or the layers whose skipping raises the calibration loss least "
+                        "(perplexity: needs scores from importance --layer-loss)")
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
                    help="random: seeded random masks; magnitude: weight norms (no data); "
