@@ -167,8 +167,9 @@ def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: i
     return scores
 
 
-def _skip_layer(m, args, kwargs, out):
-    """Forward hook: the layer hands on its input unchanged."""
+def skip_layer(m, args, kwargs, out):
+    """Forward hook (with_kwargs) on a decoder layer of HF or megatron-core, whose output is a
+    tensor or a tuple (hidden states first): the layer hands on its input unchanged."""
     hidden = args[0] if args else kwargs["hidden_states"]
     return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
 
@@ -189,7 +190,7 @@ def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
     """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}."""
     out = {"loss": _mean_loss(model, batches, micro_batch), "layer_loss": []}
     for layer in tqdm(model.model.layers, desc="layer loss", disable=not progress, unit="layer"):
-        hook = layer.register_forward_hook(_skip_layer, with_kwargs=True)
+        hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
         try:
             out["layer_loss"].append(_mean_loss(model, batches, micro_batch))
         finally:

@@ -405,13 +405,6 @@ def _taylor(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bool):
 
 
 # ============================================================================ layer loss
-def _skip_layer(m, args, kwargs, out):
-    """Forward hook: the layer hands on its input unchanged (megatron-core layers return
-    (hidden_states, context))."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
-
-
 def _loss_sum(run: _Run, batches: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """Sum over this replica's samples of the mean next-token loss (non-zero on TP rank 0 of
     the last stage only, so that one SUM all-reduce over the world totals the replicas)."""
@@ -433,6 +426,8 @@ def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
     """{"loss", "layer_loss"} as `importance.layer_losses`, on global rank 0 (None elsewhere)."""
     import torch.distributed as dist
     from tqdm.auto import tqdm
+
+    from .importance import skip_layer
     L = run.cfg.num_layers
     sums = torch.zeros(L + 1, dtype=torch.float64, device=run.device)  # [base, skip 0..L-1]
     run.model.eval()
@@ -443,7 +438,7 @@ def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
             hook = None
             if run.start <= i < run.end:
                 layer = run.model.decoder.layers[i - run.start]
-                hook = layer.register_forward_hook(_skip_layer, with_kwargs=True)
+                hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
             try:
                 sums[i + 1] = _loss_sum(run, batches, micro_batch)
             finally:
