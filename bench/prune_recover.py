@@ -10,9 +10,11 @@ One run, on one GPU machine (about 9 minutes on an H100), or on the CPU with `--
              wall time (`--teacher-seconds`; a short probe run of the same recipe, after
              tokenization, sets the iteration count so the cosine schedule ends on time),
              validated on the held-out books.
-3. prune     importance (`megatron-prune importance`: activation, taylor; magnitude and random
-             need no data) and `megatron-prune prune` of the teacher's Megatron checkpoint to
-             9 layers, hidden 512, 8 heads / 4 groups, FFN 1024 (about 54M parameters).
+3. prune     importance (`megatron-prune importance`: activation, taylor, each with the loss
+             of every layer skipped, `--layer-loss`, which a prune variant may choose layers
+             by; magnitude and random need no data) and `megatron-prune prune` of the
+             teacher's Megatron checkpoint to 9 layers, hidden 512, 8 heads / 4 groups,
+             FFN 1024 (about 54M parameters).
 4. recover   every pruned model with the same token budget (1/6 of the teacher's tokens,
              `--recover-fraction`; LR decayed linearly to 0), with the LM loss and with
              distillation from the teacher (`--teacher`: logits with 30% LM loss, hidden
@@ -97,7 +99,9 @@ class Protocol:
     recover_fraction: Optional[str] = "1/6"
     kd_temperature: float = 1.0
     # 30% LM loss beside the KL: in sweeps on one H100, 10% was 2.1% better than pure
-    # distillation and 30% another 2.2% better than 10%, on two teachers (docs/benchmarks.md)
+    # distillation and 30% another 2.2% better than 10%, on two teachers (docs/benchmarks.md);
+    # from 170-s teachers on an H200, 20% with hidden-state weight 3-5 was 0.2-0.5% better
+    # still: kept at 30% and 1 here, the recipe of the full-protocol tables
     kd_alpha: float = 0.7
     # distil the hidden states after every layer too (cosine, weight 1): 0.4-0.5% better than
     # logits alone in two sweeps (docs/benchmarks.md); 0 turns it off
@@ -375,7 +379,7 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str],
             jobs[f"importance_{m}"] = CLI + [
                 "importance", "--load", teacher, "--data", data["calibration"],
                 "--importance", m, "--samples", p.calib_samples, "--seq-length", p.seq_length,
-                "--micro-batch-size", 4, "--save", scores[m], "--force"]
+                "--micro-batch-size", 4, "--layer-loss", "--save", scores[m], "--force"]
     r.run_many(jobs, parallel=2)
     s = p.student
     todo = {m: () for m in methods}

@@ -22,14 +22,15 @@ def test_prune_recover_smoke(tmp_path):
                            "--recover-fraction", "1/6",
                            "--variant", "activation_kd@logits=--kd-hidden-weight 0",
                            "--prune-variant", "activation:last=--drop-layers 0",
-                           "--skip", "activation:last_lm"],
+                           "--prune-variant", "activation:ppl=--layer-method perplexity",
+                           "--skip", "activation:last_lm,activation:ppl_lm"],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     ev = res["eval"]
     methods = ("random", "magnitude", "activation", "taylor")
     assert set(ev) == {"teacher", "scratch", "activation_kd@logits", "activation:last_pruned",
-                       "activation:last_kd"} | {
+                       "activation:last_kd", "activation:ppl_pruned", "activation:ppl_kd"} | {
         f"{m}_{k}" for m in methods for k in ("pruned", "lm", "kd")}
     t = ev["teacher"]
     for m in methods:  # pruning removed parameters; training helped every pruned model
@@ -48,6 +49,12 @@ def test_prune_recover_smoke(tmp_path):
                       .read_text())
     assert plan["keep_layers"] == [1]
     assert "activation (last prune) + distillation" in (tmp_path / "results.md").read_text()
+    # ... and the other kept the layers whose skipping costs the most calibration loss
+    from megatron_prune.scores import ImportanceScores
+    loss = ImportanceScores.load(tmp_path / "work" / "scores_activation.pt").meta["layer_loss"]
+    plan = json.loads((tmp_path / "work" / "pruned_activation-ppl" / "prune_plan.json")
+                      .read_text())
+    assert plan["keep_layers"] == [max(range(len(loss)), key=loss.__getitem__)]
     for f in ("results.md", "recover_curves.png", "teacher_curve.png", "run.log"):
         assert (tmp_path / f).stat().st_size > 0
 
