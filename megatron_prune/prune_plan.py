@@ -173,6 +173,8 @@ def resolve_target(cfg: ModelConfig, t: PruneTarget, tp: int) -> dict:
 
 def _keep_layers(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> list:
     L = cfg.num_layers
+    if t.layer_method not in LAYER_METHODS:  # a prune config JSON is not checked by argparse
+        raise ConfigError(f"layer method must be one of {LAYER_METHODS}, got {t.layer_method!r}")
     if t.drop_layers:
         return [i for i in range(L) if i not in set(t.drop_layers)]
     if t.num_layers is None or t.num_layers == L:

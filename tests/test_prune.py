@@ -188,6 +188,8 @@ def test_perplexity_layer_method_needs_layer_losses(hf):
         make_plan(cfg, target, s)
     s.meta.update(loss=2.0, layer_loss=[9.0, 2.1, 3.0, 2.2, 2.5])
     assert make_plan(cfg, target, s).keep_layers == [0, 2, 4]
+    with pytest.raises(ConfigError, match="layer method must be one of"):
+        make_plan(cfg, PruneTarget(num_layers=3, layer_method="ppl"), s)  # e.g. from a JSON
 
 
 def _fails(argv, tmp_path, capsys, match):
