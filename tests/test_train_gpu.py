@@ -88,3 +88,29 @@ def test_bf16_distributed_optimizer_resume_and_export(data, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 2
+
+
+def test_muon_bf16_trains_and_resumes(data, tmp_path):
+    """`--optimizer muon` inside megatron-core's mixed-precision wrapper (fp32 main weights):
+    it trains, and resuming its iteration-4 checkpoint continues the uninterrupted curve."""
+    muon = ["--optimizer", "muon", "--muon-use-nesterov"]
+    save = tmp_path / "a"
+    proc = run(*flags(data, tmp_path / "a.jsonl"), *muon, "--save", save, "--save-interval", 4)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    full = recs(tmp_path / "a.jsonl")
+    assert full[-1]["loss"] < full[0]["loss"] - 0.5
+    assert not (save / "iter_0000004" / "mp_rank_00" / "distrib_optim.pt").exists()
+    resume = tmp_path / "b"
+    resume.mkdir()
+    shutil.copytree(save / "iter_0000004", resume / "iter_0000004")
+    (resume / "latest_checkpointed_iteration.txt").write_text("4")
+    proc = run(*flags(data, tmp_path / "b.jsonl"), *muon, "--load", resume)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    again = recs(tmp_path / "b.jsonl")
+    assert [r["iteration"] for r in again] == [5, 6, 7, 8]
+    for r in again:
+        ref = full[r["iteration"] - 1]
+        assert r["batch_checksum"] == ref["batch_checksum"]
+        assert math.isclose(r["loss"], ref["loss"], rel_tol=2e-3), (r, ref)
+    proc = run(*flags(data, tmp_path / "c.jsonl"), *muon, "--use-distributed-optimizer")
+    assert proc.returncode == 2 and "whole weight matrices" in proc.stderr

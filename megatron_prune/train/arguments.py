@@ -14,6 +14,7 @@ from typing import List, Optional
 from ..config import ConfigError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+OPTIMIZERS = ("adam", "muon")
 
 
 @dataclass
@@ -101,6 +102,11 @@ class OptimizerArgs:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    muon_momentum: float = 0.95
+    muon_use_nesterov: bool = False
+    muon_num_ns_steps: int = 5
+    muon_extra_scale_factor: float = 1.0
+    muon_split_qkv: bool = True
 
 
 @dataclass
@@ -183,8 +189,14 @@ class TrainArgs:
             raise ConfigError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}")
         if o.min_lr > o.lr:
             raise ConfigError(f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
-        if o.optimizer != "adam":
-            raise ConfigError(f"--optimizer {o.optimizer!r}: only adam (AdamW) is implemented")
+        if o.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
+        if not 0.0 <= o.muon_momentum < 1.0:
+            raise ConfigError(f"--muon-momentum must lie in [0, 1), got {o.muon_momentum}")
+        if o.muon_num_ns_steps < 1:
+            raise ConfigError("--muon-num-ns-steps must be at least 1")
+        if o.muon_extra_scale_factor <= 0:
+            raise ConfigError("--muon-extra-scale-factor must be positive")
         if c.save_interval is not None and not c.save:
             raise ConfigError("--save-interval needs --save")
         if self.eval.eval_interval is not None and self.eval.eval_interval < 1:
@@ -332,7 +344,10 @@ def _flags():
         ("--bf16", "training", "bf16", dict(action="store_true",
             help="bf16 weights and activations, fp32 main weights in the optimizer (CUDA)")),
         # optimizer and schedule
-        ("--optimizer", "optim", "optimizer", dict(choices=("adam",))),
+        ("--optimizer", "optim", "optimizer", dict(choices=OPTIMIZERS,
+            help="adam: AdamW (default). muon: Muon for the transformer layers' weight "
+                 "matrices, AdamW for embeddings, output layer and norms, at one LR: Muon's "
+                 "update is scaled to AdamW's usual RMS of 0.2")),
         ("--lr", "optim", "lr", dict(type=F)),
         ("--min-lr", "optim", "min_lr", dict(type=F)),
         ("--lr-warmup-iters", "optim", "lr_warmup_iters", dict(type=I)),
@@ -345,6 +360,16 @@ def _flags():
         ("--adam-beta2", "optim", "adam_beta2", dict(type=F)),
         ("--adam-eps", "optim", "adam_eps", dict(type=F)),
         ("--clip-grad", "optim", "clip_grad", dict(type=F, help="0 turns clipping off")),
+        ("--muon-momentum", "optim", "muon_momentum", dict(type=F, help="default 0.95")),
+        ("--muon-use-nesterov", "optim", "muon_use_nesterov", dict(action="store_true")),
+        ("--muon-num-ns-steps", "optim", "muon_num_ns_steps", dict(type=I,
+            help="Newton-Schulz iterations per orthogonalization (default 5)")),
+        ("--muon-extra-scale-factor", "optim", "muon_extra_scale_factor", dict(type=F,
+            help="multiplies Muon's update (RMS 0.2 x this)")),
+        ("--muon-split-qkv", "optim", "muon_split_qkv", dict(action="store_const", const=True,
+            help="orthogonalize q, k and v of the fused QKV weight apart (default)")),
+        ("--no-muon-split-qkv", "optim", "muon_split_qkv",
+         dict(action="store_const", const=False)),
         # checkpoints
         ("--load", "checkpoint", "load", dict(type=S,
             help="resume from the latest checkpoint here when there is one (model, optimizer, "

@@ -178,12 +178,15 @@ def load_training_state(path, *, model, optimizer, scheduler, load_optim: bool =
         if "optimizer" not in obj:
             raise ConfigError(f"{f}: no optimizer state (saved with --no-save-optim); pass "
                               "--no-load-optim")
-        from .optim import TorchAdamW
+        from .optim import TorchOptimizer, is_cpu_state
         saved = obj["optimizer"]
-        if isinstance(saved, dict) and saved.get("kind") == "torch_adamw" \
-                and not isinstance(optimizer, TorchAdamW):
-            raise ConfigError(f"{f}: optimizer state of a CPU run (torch AdamW); resume it on "
-                              "the CPU, or pass --no-load-optim")
+        saved_algorithm = getattr(obj["args"], "optimizer", "adam")
+        if saved_algorithm != getattr(optimizer, "algorithm", "adam"):
+            raise ConfigError(f"{f}: optimizer state of --optimizer {saved_algorithm}; resume "
+                              f"with it, or pass --no-load-optim to start the optimizer afresh")
+        if is_cpu_state(saved) and not isinstance(optimizer, TorchOptimizer):
+            raise ConfigError(f"{f}: optimizer state of a CPU run (torch); resume it on the "
+                              "CPU, or pass --no-load-optim")
         optimizer.load_state_dict(saved)
         if getattr(optimizer, "distributed", False):
             load_distributed_parameter_state(optimizer, rank_dir / DISTRIB_OPTIM_FILE)

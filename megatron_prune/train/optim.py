@@ -1,12 +1,15 @@
-"""AdamW and the warmup + decay learning-rate schedule.
+"""AdamW or Muon, and the warmup + decay learning-rate schedule.
 
 With CUDA, megatron-core's optimizer (`get_megatron_optimizer`): fp32 main weights beside bf16
 model weights, gradient clipping by the global norm, and, by default, the distributed optimizer
-(optimizer state sharded over data-parallel ranks). On the CPU — where megatron's optimizer
-allocates CUDA tensors — `TorchAdamW`: torch's AdamW over the (fp32) model weights, fed from
-megatron DDP's `main_grad` buffers, with the same global-norm clipping and the same weight-decay
-rule (none for 1-D parameters: norms). Both are stepped by megatron-core's
-`OptimizerParamScheduler`, counted in samples as Megatron-LM counts them.
+(optimizer state sharded over data-parallel ranks). `--optimizer muon` puts our `MuonAdamW`
+(muon.py) inside megatron-core's mixed-precision wrapper instead, without the distributed
+optimizer, whose flat shards split the matrices Muon must see whole. On the CPU — where
+megatron's optimizer allocates CUDA tensors — `TorchOptimizer`: torch's AdamW (or `MuonAdamW`)
+over the (fp32) model weights, fed from megatron DDP's `main_grad` buffers, with the same
+global-norm clipping and the same weight-decay rule (none for 1-D parameters: norms). All are
+stepped by megatron-core's `OptimizerParamScheduler`, counted in samples as Megatron-LM counts
+them.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
 from .arguments import OptimizerArgs
+from .muon import MuonAdamW, matrix_role
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -44,22 +48,52 @@ def global_grad_norm(params: List[torch.nn.Parameter]) -> torch.Tensor:
     return total.sqrt()
 
 
-class TorchAdamW:
-    """torch.optim.AdamW over a megatron-DDP-wrapped model, with the megatron optimizer's
-    `step() -> (ok, grad_norm, zeros)` interface."""
+def cpu_state_kind(algorithm: str) -> str:
+    return "torch_adamw" if algorithm == "adam" else f"torch_{algorithm}"
 
-    def __init__(self, model, o: OptimizerArgs):
-        decay, no_decay = [], []
-        for name, p in model.module.named_parameters():
-            if p.requires_grad:
-                (no_decay if _no_decay(name, p) else decay).append(p)
-        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        self.params = decay + no_decay
+
+def is_cpu_state(state) -> bool:
+    return isinstance(state, dict) and str(state.get("kind", "")).startswith("torch_")
+
+
+def param_groups(model, o: OptimizerArgs):
+    """The two groups, with and without weight decay (megatron-core's keys, so that its
+    checkpoint loading matches them), and for Muon each parameter's role (`matrix_role`)."""
+    groups, roles = [], []
+    for wd_mult in (1.0, 0.0):
+        named = [(n, p) for n, p in model.module.named_parameters()
+                 if p.requires_grad and _no_decay(n, p) == (wd_mult == 0.0)]
+        if not named:
+            continue
+        groups.append({"params": [p for _, p in named], "wd_mult": wd_mult, "lr_mult": 1.0,
+                       "is_expert_parallel": False, "is_decoupled_lr": False})
+        roles.append([matrix_role(n) if o.optimizer == "muon" else None for n, _ in named])
+    return groups, roles
+
+
+def torch_optimizer(groups, roles, o: OptimizerArgs, cfg: ModelConfig):
+    if o.optimizer == "muon":
+        from megatron.core import parallel_state as ps
+        return MuonAdamW(groups, roles, cfg=cfg, lr=o.lr, weight_decay=o.weight_decay,
+                         betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                         momentum=o.muon_momentum, nesterov=o.muon_use_nesterov,
+                         ns_steps=o.muon_num_ns_steps, extra_scale=o.muon_extra_scale_factor,
+                         split_qkv=o.muon_split_qkv,
+                         tp_group=ps.get_tensor_model_parallel_group())
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                             eps=o.adam_eps, weight_decay=o.weight_decay, foreach=False)
+
+
+class TorchOptimizer:
+    """torch's AdamW, or MuonAdamW, over a megatron-DDP-wrapped model, with the megatron
+    optimizer's `step() -> (ok, grad_norm, zeros)` interface."""
+
+    def __init__(self, model, o: OptimizerArgs, cfg: ModelConfig):
+        groups, roles = param_groups(model, o)
+        self.params = [p for g in groups for p in g["params"]]
         self.clip_grad = o.clip_grad
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                                           eps=o.adam_eps, weight_decay=o.weight_decay,
-                                           foreach=False)
+        self.algorithm = o.optimizer
+        self.optimizer = torch_optimizer(groups, roles, o, cfg)
 
     @property
     def param_groups(self):
@@ -87,10 +121,10 @@ class TorchAdamW:
         return True, norm.item(), None
 
     def state_dict(self):
-        return {"kind": "torch_adamw", "optimizer": self.optimizer.state_dict()}
+        return {"kind": cpu_state_kind(self.algorithm), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state):
-        if state.get("kind") != "torch_adamw":
+        if not is_cpu_state(state):
             raise ConfigError("the checkpoint's optimizer state is megatron-core's (saved on "
                               "GPUs); resume it on GPUs, or pass --no-load-optim")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -98,27 +132,47 @@ class TorchAdamW:
     distributed = False
 
 
-def megatron_optimizer(model, o: OptimizerArgs, *, bf16: bool, dtype: torch.dtype,
-                       distributed: bool):
+def megatron_optimizer(model, o: OptimizerArgs, cfg: ModelConfig, *, bf16: bool,
+                       dtype: torch.dtype, distributed: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=bf16, params_dtype=dtype,
         use_distributed_optimizer=distributed)
-    opt = get_megatron_optimizer(config, [model])
+    if o.optimizer == "muon":
+        opt = _megatron_wrapped(model, o, cfg, config, bf16=bf16)
+    else:
+        opt = get_megatron_optimizer(config, [model])
     opt.distributed = distributed
+    opt.algorithm = o.optimizer
     return opt
 
 
-def build_optimizer(model, o: OptimizerArgs, *, bf16: bool, dtype: torch.dtype,
-                    distributed: bool):
+def _megatron_wrapped(model, o: OptimizerArgs, cfg: ModelConfig, config, *, bf16: bool):
+    """MuonAdamW inside megatron-core's wrapper, as `get_megatron_optimizer` wraps AdamW: fp32
+    main weights (bf16) or the model's own (fp32), clipping, and the grad-norm groups."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.optimizer import (FP32Optimizer,
+                                                   Float16OptimizerWithFloat16Params)
+    inner = torch_optimizer(*param_groups(model, o), o, cfg)
+    no_state = lambda opt, config=None: None  # noqa: E731 (state is made on the first step)
+    opt = (Float16OptimizerWithFloat16Params(inner, config, None, no_state) if bf16
+           else FP32Optimizer(inner, config, no_state))
+    opt.grad_stats_parallel_group = ps.get_model_parallel_group()
+    opt.tp_group = ps.get_tensor_model_parallel_group()
+    return opt
+
+
+def build_optimizer(model, o: OptimizerArgs, cfg: ModelConfig, *, bf16: bool,
+                    dtype: torch.dtype, distributed: bool):
     if torch.cuda.is_available():
-        return megatron_optimizer(model, o, bf16=bf16, dtype=dtype, distributed=distributed)
+        return megatron_optimizer(model, o, cfg, bf16=bf16, dtype=dtype,
+                                  distributed=distributed)
     if bf16:
         raise ConfigError("--bf16 needs CUDA (fp32 main weights live in megatron-core's GPU "
                           "optimizer); train in fp32 on the CPU")
-    return TorchAdamW(model, o)
+    return TorchOptimizer(model, o, cfg)
 
 
 def build_scheduler(optimizer, o: OptimizerArgs, *, train_samples: int, global_batch: int):

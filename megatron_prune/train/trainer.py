@@ -153,10 +153,16 @@ class Trainer:
                                        divisible_by=self.source.divisible_by)
         if self.source.weights is not None:
             mcore_model.load_legacy_into_model(module, self.source.weights)
-        self.distributed_optimizer = (torch.cuda.is_available() if p.use_distributed_optimizer
-                                      is None else p.use_distributed_optimizer)
+        muon = self.args.optim.optimizer == "muon"
+        self.distributed_optimizer = (torch.cuda.is_available() and not muon
+                                      if p.use_distributed_optimizer is None
+                                      else p.use_distributed_optimizer)
         if self.distributed_optimizer and not torch.cuda.is_available():
             raise ConfigError("--use-distributed-optimizer needs CUDA (megatron-core's optimizer)")
+        if self.distributed_optimizer and muon:
+            raise ConfigError("--optimizer muon needs whole weight matrices; megatron-core's "
+                              "distributed optimizer shards them over data-parallel ranks "
+                              "(drop --use-distributed-optimizer)")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
             use_distributed_optimizer=self.distributed_optimizer)
@@ -172,9 +178,9 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
 
     def _build_optimizer(self) -> None:
-        """AdamW + LR schedule, and on resume their state, the RNG and the data position."""
+        """AdamW or Muon + LR schedule, and on resume their state, the RNG and the data position."""
         a, c = self.args, self.args.checkpoint
-        self.optimizer = build_optimizer(self.ddp, a.optim, bf16=a.training.bf16,
+        self.optimizer = build_optimizer(self.ddp, a.optim, self.cfg, bf16=a.training.bf16,
                                          dtype=self.dtype, distributed=self.distributed_optimizer)
         self.scheduler = build_scheduler(self.optimizer, a.optim,
                                          train_samples=self.plan.train_samples,
@@ -450,6 +456,7 @@ class Trainer:
                       "global_batch_size": self.plan.global_batch,
                       "seq_length": self.plan.seq_length, "train_iters": self.plan.train_iters,
                       "lr": self.args.optim.lr, "min_lr": self.args.optim.min_lr,
+                      "optimizer": self.args.optim.optimizer,
                       "seed": self.args.training.seed,
                       "data_path": list(self.args.data.data_path or []),
                       "split": self.args.data.split,

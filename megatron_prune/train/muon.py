@@ -1,0 +1,149 @@
+"""Muon for the transformer's weight matrices, AdamW for everything else, in one torch optimizer.
+
+Muon (Jordan et al., 2024; "Muon is Scalable for LLM Training", Liu et al., 2025) replaces the
+update of a 2-D weight by the orthogonalized momentum: the nearest semi-orthogonal matrix, found
+by a few Newton-Schulz iterations. Embeddings, the output layer and norms stay on AdamW, as both
+papers do. The update is scaled to an RMS of `0.2 * extra_scale` whatever the matrix's shape
+(Liu et al.), so Muon and AdamW share one learning rate and one schedule.
+
+Tensor parallelism: a weight's TP shard is only a block of its matrix, and orthogonalizing the
+blocks is not orthogonalizing the matrix. So a sharded update is gathered over the TP group,
+orthogonalized whole, and each rank keeps its own block: TP=2 steps as TP=1 does. Fused QKV is
+split into its q, k and v matrices first (`layout.unfuse`), each orthogonalized on its own; the
+fused gate/up of SwiGLU is orthogonalized as one matrix, which a TP gather only permutes by rows
+and orthogonalization commutes with that.
+
+The optimizer needs whole matrices, so megatron-core's distributed optimizer (flat shards of all
+parameters over DP ranks) cannot drive it; every DP rank steps the same all-reduced gradients.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import layout
+from ..config import ModelConfig
+
+# The quintic Newton-Schulz coefficients of Jordan et al.: they push every singular value of the
+# normalized matrix into roughly [0.7, 1.2] in five steps, which is all Muon needs.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+RMS_TARGET = 0.2   # AdamW's typical update RMS (Liu et al.): Muon then takes AdamW's LR
+MATRIX_SPECS = (layout.QKV, layout.PROJ, layout.FC1, layout.FC2)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """An approximately semi-orthogonal matrix with `g`'s singular vectors (U V^T), in fp32."""
+    x = g.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)   # all singular values <= 1, where the iteration converges
+    a, b, c = NS_COEFFS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def matrix_role(name: str) -> Optional[str]:
+    """'qkv' for a fused QKV weight, 'matrix' for another transformer-layer weight Muon steps,
+    None for what stays on AdamW (embeddings, output layer, norms, biases)."""
+    for spec in MATRIX_SPECS:
+        for template in {spec.local, spec.te}:
+            pattern = re.escape(template).replace(re.escape("{i}"), r"\d+")
+            if re.fullmatch(pattern, name) or re.fullmatch(r"(?:module\.)+" + pattern, name):
+                return "qkv" if spec is layout.QKV else "matrix"
+    return None
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the parameters whose role is 'matrix' or 'qkv' (`matrix_role`), AdamW for the
+    rest. `roles[g][i]` is the role of `param_groups[g]["params"][i]`: roles go by position,
+    because megatron's mixed-precision wrapper swaps the parameters for fp32 copies in place,
+    and megatron matches checkpointed groups by their `wd_mult`/`lr_mult`, so the groups stay
+    the usual two (with and without weight decay). The scheduler sets each group's `lr` and
+    `weight_decay`; weight decay is decoupled (p *= 1 - lr * wd) in both."""
+
+    def __init__(self, groups, roles, *, cfg: ModelConfig, lr: float, weight_decay: float,
+                 betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
+                 nesterov: bool = False, ns_steps: int = 5, extra_scale: float = 1.0,
+                 split_qkv: bool = True, tp_group=None):
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+        if [len(g["params"]) for g in self.param_groups] != [len(r) for r in roles]:
+            raise ValueError("MuonAdamW: one role per parameter of every group")
+        self.roles = [list(r) for r in roles]
+        self.cfg, self.momentum, self.nesterov = cfg, momentum, nesterov
+        self.ns_steps, self.extra_scale = ns_steps, extra_scale
+        self.split_qkv, self.tp_group = split_qkv, tp_group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group, roles in zip(self.param_groups, self.roles):
+            for p, role in zip(group["params"], roles):
+                if p.grad is None:
+                    continue
+                if role is None:
+                    self._adamw(p, group)
+                else:
+                    self._muon(p, group, qkv=role == "qkv")
+
+    def _decay(self, p, group) -> None:
+        if group["weight_decay"]:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+    def _adamw(self, p, group) -> None:
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        b1, b2 = group["betas"]
+        st["step"] += 1
+        g = p.grad.to(p.dtype)
+        st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (st["exp_avg_sq"] / (1 - b2 ** st["step"])).sqrt_().add_(group["eps"])
+        self._decay(p, group)
+        p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** st["step"]))
+
+    def _muon(self, p, group, *, qkv: bool) -> None:
+        st = self.state[p]
+        if not st:
+            st["momentum_buffer"] = torch.zeros_like(p)
+        buf = st["momentum_buffer"]
+        g = p.grad.to(p.dtype)
+        buf.mul_(self.momentum).add_(g)
+        update = g.add(buf, alpha=self.momentum) if self.nesterov else buf
+        self._decay(p, group)
+        p.add_(self._orthogonal_update(p, update, qkv=qkv), alpha=-group["lr"])
+
+    def _orthogonal_update(self, p, update: torch.Tensor, *, qkv: bool) -> torch.Tensor:
+        """The scaled orthogonalized update of this rank's shard of the matrix."""
+        dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) \
+            else None
+        tp = dist.get_world_size(self.tp_group) if dim is not None and dist.is_initialized() \
+            else 1
+        full = _gather(update, dim, self.tp_group) if tp > 1 else update
+        if qkv and self.split_qkv:
+            parts = layout.unfuse(layout.QKV, full, self.cfg)
+            out = layout.fuse(layout.QKV, [self._scaled(t) for t in parts], self.cfg)
+        else:
+            out = self._scaled(full)
+        if tp > 1:
+            out = out.chunk(tp, dim=dim)[dist.get_rank(self.tp_group)]
+        return out.to(p.dtype)
+
+    def _scaled(self, m: torch.Tensor) -> torch.Tensor:
+        # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)); this brings it to RMS_TARGET
+        scale = RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape))
+        return orthogonalize(m, self.ns_steps).mul_(scale)
+
+
+def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

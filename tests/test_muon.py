@@ -1,0 +1,146 @@
+"""`--optimizer muon`: the optimizer's math against its definition and torch's AdamW, and the
+trainer with it on CPU over gloo (TP=2 and DP=2 against one process, resume against an
+uninterrupted run), on stories260K converted to Megatron as in test_train.py."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from megatron_prune.config import ModelConfig
+from megatron_prune.train.muon import MuonAdamW, matrix_role, orthogonalize
+
+pytest.importorskip("megatron.core")
+from test_train import (assert_same_curve, common, ok, records, run_train,  # noqa: E402
+                        shakespeare, stories_tp1)
+
+__all__ = ["shakespeare", "stories_tp1"]  # fixtures, imported for pytest to find
+
+
+def test_orthogonalize_keeps_singular_vectors_and_flattens_values():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(48, 20), (20, 48), (32, 32)]:
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g))
+        m = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T   # condition number 100
+        o = orthogonalize(m)
+        vh = v.T
+        # o = U diag(s') V^T with every s' pushed near 1: Jordan's quintic gives ~[0.68, 1.13]
+        inner = u.T @ o @ vh.T
+        s = torch.diagonal(inner)
+        assert torch.allclose(inner, torch.diag(s), atol=1e-4), shape
+        assert s.min() > 0.6 and s.max() < 1.25, (shape, s)
+
+
+def test_matrix_roles_follow_the_layout():
+    assert matrix_role("decoder.layers.3.self_attention.linear_qkv.weight") == "qkv"
+    for n in ("decoder.layers.0.self_attention.linear_proj.weight",
+              "decoder.layers.10.mlp.linear_fc1.weight", "module.decoder.layers.1.mlp.linear_fc2.weight"):
+        assert matrix_role(n) == "matrix", n
+    for n in ("embedding.word_embeddings.weight", "output_layer.weight",
+              "decoder.final_layernorm.weight", "decoder.layers.0.input_layernorm.weight",
+              "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"):
+        assert matrix_role(n) is None, n
+
+
+def _cfg():
+    return ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=24, num_attention_heads=4,
+                       num_query_groups=2, head_dim=4, vocab_size=32)
+
+
+def test_adamw_part_equals_torch_adamw_and_muon_step_is_its_definition():
+    """Three steps: a norm-like vector and an embedding-like matrix (role None) move exactly as
+    torch's AdamW moves them; a matrix moves by -lr * (0.2 sqrt(max dim) orthogonalized
+    momentum) after decoupled decay; a fused QKV orthogonalizes its q, k and v apart."""
+    cfg = _cfg()
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(16, generator=g), torch.randn(32, 16, generator=g),
+            torch.randn(24, 16, generator=g), torch.randn((4 + 2 + 2) * 4, 16, generator=g)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init[:2]]
+    lr, wd, mom = 0.01, 0.1, 0.9
+    opt = MuonAdamW([{"params": ours[1:], "wd_mult": 1.0}, {"params": ours[:1], "wd_mult": 0.0}],
+                    [[None, "matrix", "qkv"], [None]], cfg=cfg, lr=lr, weight_decay=wd,
+                    momentum=mom)
+    opt.param_groups[1]["weight_decay"] = 0.0  # as the scheduler sets it from wd_mult
+    adamw = torch.optim.AdamW([{"params": ref[1:]}, {"params": ref[:1], "weight_decay": 0.0}],
+                              lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd, foreach=False)
+    w, q = init[2].clone(), init[3].clone()
+    buf_w, buf_q = torch.zeros_like(w), torch.zeros_like(q)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=g) for t in init]
+        for p, gr in zip(ours, grads):
+            p.grad = gr.clone()
+        for p, gr in zip(ref, grads[:2]):
+            p.grad = gr.clone()
+        opt.step()
+        adamw.step()
+        buf_w = mom * buf_w + grads[2]
+        w = w * (1 - lr * wd) - lr * 0.2 * math.sqrt(24) * orthogonalize(buf_w)
+        buf_q = mom * buf_q + grads[3]
+        # 2 KV groups of [q (2 heads of 4 rows); k (4 rows); v (4 rows)]
+        parts = [t.reshape(-1, 16) for t in buf_q.reshape(2, 16, 16).split([8, 4, 4], dim=1)]
+        upd = [orthogonalize(m) * 0.2 * math.sqrt(max(m.shape)) for m in parts]
+        fused = torch.cat([u.reshape(2, -1, 16) for u in upd], dim=1).reshape(-1, 16)
+        q = q * (1 - lr * wd) - lr * fused
+    for a, b in zip(ours[:2], ref):
+        torch.testing.assert_close(a.data, b.data, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[2].data, w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[3].data, q, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the trainer
+MUON = ["--optimizer", "muon", "--muon-use-nesterov"]
+
+
+@pytest.fixture(scope="module")
+def muon_run(stories_tp1, shakespeare, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("muon")
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp, "base"), *MUON,
+                 "--save", tmp / "save", "--save-interval", 4))
+    return tmp
+
+
+def test_muon_trains_and_differs_from_adamw(muon_run, stories_tp1, shakespeare, tmp_path):
+    recs = records(muon_run / "base.jsonl")
+    assert [r["iteration"] for r in recs] == list(range(1, 7))
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.3
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp_path, "adam")))
+    adam = records(tmp_path / "adam.jsonl")
+    assert recs[1]["loss"] == adam[1]["loss"]  # the first step (at LR 0 in warmup) is shared
+    assert recs[-1]["loss"] != pytest.approx(adam[-1]["loss"], rel=1e-3)
+
+
+def test_muon_tp2_and_dp2_match_single_process(muon_run, stories_tp1, shakespeare, tmp_path):
+    """TP=2 gathers each sharded update, orthogonalizes the whole matrix (q, k, v apart) and
+    keeps its block: the curve is the 1-process one. DP=2 steps the all-reduced gradients."""
+    base = records(muon_run / "base.jsonl")
+    for name, nproc_flags in (("tp2", ["--tensor-model-parallel-size", 2]), ("dp2", [])):
+        ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, name), *MUON,
+                     *nproc_flags))
+        assert_same_curve(base, records(tmp_path / f"{name}.jsonl"))
+
+
+def test_muon_resume_reproduces_uninterrupted_run(muon_run, stories_tp1, shakespeare, tmp_path):
+    """Resuming the iteration-4 checkpoint restores Muon's momentum and AdamW's moments:
+    iterations 5 and 6 are bit-identical to the uninterrupted run's."""
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    shutil.copytree(muon_run / "save" / "iter_0000004", resume / "iter_0000004")
+    (resume / "latest_checkpointed_iteration.txt").write_text("4")
+    ok(run_train(1, *common(stories_tp1, shakespeare, tmp_path, "resumed"), *MUON,
+                 "--load", resume))
+    base = {r["iteration"]: r for r in records(muon_run / "base.jsonl")}
+    again = records(tmp_path / "resumed.jsonl")
+    assert [r["iteration"] for r in again] == [5, 6]
+    for r in again:
+        for key in ("loss", "grad_norm", "lr", "batch_checksum"):
+            assert r[key] == base[r["iteration"]][key], (key, r)
+
+    # AdamW cannot take over Muon's state, and says so
+    proc = run_train(1, *common(stories_tp1, shakespeare, tmp_path, "adam"), "--load", resume)
+    assert proc.returncode == 2 and "--optimizer muon" in proc.stderr
+    assert "--no-load-optim" in proc.stderr
