@@ -35,6 +35,16 @@ def test_orthogonalize_keeps_singular_vectors_and_flattens_values():
         assert s.min() > 0.6 and s.max() < 1.25, (shape, s)
 
 
+def test_batched_orthogonalization_equals_one_at_a_time(monkeypatch):
+    from megatron_prune.train import muon
+    monkeypatch.setattr(muon, "PENDING_ELEMENTS", 64 * 32 * 2)  # batches of 2 of one shape
+    g = torch.Generator().manual_seed(2)
+    mats = [torch.randn(*s, generator=g) for s in [(64, 32), (32, 64), (64, 32), (64, 32),
+                                                    (16, 16), (64, 32)]]
+    for a, m in zip(muon.orthogonalize_all(mats), mats):
+        torch.testing.assert_close(a, orthogonalize(m), rtol=0, atol=1e-6)
+
+
 def test_matrix_roles_follow_the_layout():
     assert matrix_role("decoder.layers.3.self_attention.linear_qkv.weight") == "qkv"
     for n in ("decoder.layers.0.self_attention.linear_proj.weight",
@@ -51,10 +61,15 @@ def _cfg():
                        num_query_groups=2, head_dim=4, vocab_size=32)
 
 
-def test_adamw_part_equals_torch_adamw_and_muon_step_is_its_definition():
+@pytest.mark.parametrize("pending", [None, 1])
+def test_adamw_part_equals_torch_adamw_and_muon_step_is_its_definition(pending, monkeypatch):
     """Three steps: a norm-like vector and an embedding-like matrix (role None) move exactly as
     torch's AdamW moves them; a matrix moves by -lr * (0.2 sqrt(max dim) orthogonalized
-    momentum) after decoupled decay; a fused QKV orthogonalizes its q, k and v apart."""
+    momentum) after decoupled decay; a fused QKV orthogonalizes its q, k and v apart. With
+    `pending` 1, every matrix is orthogonalized and applied on its own."""
+    if pending is not None:
+        from megatron_prune.train import muon
+        monkeypatch.setattr(muon, "PENDING_ELEMENTS", pending)
     cfg = _cfg()
     g = torch.Generator().manual_seed(1)
     init = [torch.randn(16, generator=g), torch.randn(32, 16, generator=g),

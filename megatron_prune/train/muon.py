@@ -33,20 +33,42 @@ from ..config import ModelConfig
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 RMS_TARGET = 0.2   # AdamW's typical update RMS (Liu et al.): Muon then takes AdamW's LR
 MATRIX_SPECS = (layout.QKV, layout.PROJ, layout.FC1, layout.FC2)
+# whole (TP-gathered) matrices held at once, in elements: 2^27 fp32 = 512 MiB, a few layers of
+# a 70B model, all of a small one; batches of one shape are also cut at this size
+PENDING_ELEMENTS = 1 << 27
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """An approximately semi-orthogonal matrix with `g`'s singular vectors (U V^T), in fp32."""
+    """An approximately semi-orthogonal matrix with `g`'s singular vectors (U V^T), in fp32;
+    `g` may be a batch of matrices of one shape (..., rows, cols)."""
     x = g.float()
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)   # all singular values <= 1, where the iteration converges
+        x = x.mT
+    # all singular values <= 1, where the iteration converges
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     a, b, c = NS_COEFFS
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
+
+
+def orthogonalize_all(mats: list, steps: int = 5) -> list:
+    """`orthogonalize` of each matrix, those of one shape in one batch: a model's layers share
+    a few shapes, so a step takes a handful of batched matmul chains, not one per matrix."""
+    by_shape: dict = {}
+    for i, m in enumerate(mats):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    out = [None] * len(mats)
+    for shape, idx in by_shape.items():
+        per_batch = max(1, PENDING_ELEMENTS // math.prod(shape))
+        for k in range(0, len(idx), per_batch):
+            chunk = idx[k:k + per_batch]
+            done = orthogonalize(torch.stack([mats[i] for i in chunk]), steps)
+            for i, o in zip(chunk, done.unbind(0)):
+                out[i] = o
+    return out
 
 
 def matrix_role(name: str) -> Optional[str]:
@@ -82,6 +104,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        muon = []
         for group, roles in zip(self.param_groups, self.roles):
             for p, role in zip(group["params"], roles):
                 if p.grad is None:
@@ -89,7 +112,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 if role is None:
                     self._adamw(p, group)
                 else:
-                    self._muon(p, group, qkv=role == "qkv")
+                    muon.append((p, group, role == "qkv", self._momentum_update(p)))
+        if muon:
+            self._muon_steps(muon)
 
     def _decay(self, p, group) -> None:
         if group["weight_decay"]:
@@ -110,37 +135,51 @@ class MuonAdamW(torch.optim.Optimizer):
         self._decay(p, group)
         p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** st["step"]))
 
-    def _muon(self, p, group, *, qkv: bool) -> None:
+    def _momentum_update(self, p) -> torch.Tensor:
         st = self.state[p]
         if not st:
             st["momentum_buffer"] = torch.zeros_like(p)
         buf = st["momentum_buffer"]
         g = p.grad.to(p.dtype)
         buf.mul_(self.momentum).add_(g)
-        update = g.add(buf, alpha=self.momentum) if self.nesterov else buf
-        self._decay(p, group)
-        p.add_(self._orthogonal_update(p, update, qkv=qkv), alpha=-group["lr"])
+        return g.add(buf, alpha=self.momentum) if self.nesterov else buf
 
-    def _orthogonal_update(self, p, update: torch.Tensor, *, qkv: bool) -> torch.Tensor:
-        """The scaled orthogonalized update of this rank's shard of the matrix."""
-        dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) \
-            else None
-        tp = dist.get_world_size(self.tp_group) if dim is not None and dist.is_initialized() \
-            else 1
-        full = _gather(update, dim, self.tp_group) if tp > 1 else update
-        if qkv and self.split_qkv:
-            parts = layout.unfuse(layout.QKV, full, self.cfg)
-            out = layout.fuse(layout.QKV, [self._scaled(t) for t in parts], self.cfg)
-        else:
-            out = self._scaled(full)
-        if tp > 1:
-            out = out.chunk(tp, dim=dim)[dist.get_rank(self.tp_group)]
-        return out.to(p.dtype)
+    def _muon_steps(self, items) -> None:
+        """Gather each sharded update (TP), split fused QKV, orthogonalize the matrices in
+        batches of one shape, then put each parameter's update together and apply it. Whole
+        matrices are held for at most PENDING_ELEMENTS at a time, not for the whole model."""
+        pending, size = [], 0
+        for p, group, qkv, update in items:
+            dim, tp = self._tp_split(p)
+            full = _gather(update, dim, self.tp_group) if tp > 1 else update
+            parts = (layout.unfuse(layout.QKV, full, self.cfg) if qkv and self.split_qkv
+                     else [full])
+            pending.append((p, group, dim, tp, parts))
+            size += full.numel()
+            if size >= PENDING_ELEMENTS:
+                self._apply(pending)
+                pending, size = [], 0
+        if pending:
+            self._apply(pending)
 
-    def _scaled(self, m: torch.Tensor) -> torch.Tensor:
-        # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)); this brings it to RMS_TARGET
-        scale = RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape))
-        return orthogonalize(m, self.ns_steps).mul_(scale)
+    def _apply(self, pending) -> None:
+        done = iter(orthogonalize_all([m for *_, parts in pending for m in parts],
+                                      self.ns_steps))
+        for p, group, dim, tp, parts in pending:
+            # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)): scaled to RMS_TARGET
+            new = [next(done).mul_(RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape)))
+                   for m in parts]
+            out = layout.fuse(layout.QKV, new, self.cfg) if len(new) > 1 else new[0]
+            if tp > 1:
+                out = out.chunk(tp, dim=dim)[dist.get_rank(self.tp_group)]
+            self._decay(p, group)
+            p.add_(out.to(p.dtype), alpha=-group["lr"])
+
+    def _tp_split(self, p):
+        """(partition dim, TP size) of a tensor-parallel parameter, else (None, 1)."""
+        if not getattr(p, "tensor_model_parallel", False) or not dist.is_initialized():
+            return None, 1
+        return p.partition_dim, dist.get_world_size(self.tp_group)
 
 
 def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
