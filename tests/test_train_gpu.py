@@ -57,6 +57,28 @@ def recs(path):
     return [r for r in map(json.loads, Path(path).read_text().splitlines()) if "eval" not in r]
 
 
+def copy_iteration_4(save: Path, dst: Path) -> Path:
+    """A checkpoint directory holding only `save`'s iteration 4, to resume from."""
+    dst.mkdir()
+    shutil.copytree(save / "iter_0000004", dst / "iter_0000004")
+    (dst / "latest_checkpointed_iteration.txt").write_text("4")
+    return dst
+
+
+def resume_and_compare(full, data, tmp_path, *resume_flags):
+    """Resume, and check iterations 5-8 against the uninterrupted run `full`."""
+    proc = run(*flags(data, tmp_path / "b.jsonl"), *resume_flags)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    again = recs(tmp_path / "b.jsonl")
+    assert [r["iteration"] for r in again] == [5, 6, 7, 8]
+    for r in again:
+        ref = full[r["iteration"] - 1]
+        assert r["batch_checksum"] == ref["batch_checksum"]
+        assert r["lr"] == pytest.approx(ref["lr"], rel=1e-9)
+        # flash attention's backward is not bit-deterministic; bf16 noise only
+        assert math.isclose(r["loss"], ref["loss"], rel_tol=2e-3), (r, ref)
+
+
 def test_bf16_distributed_optimizer_resume_and_export(data, tmp_path):
     save = tmp_path / "a"
     proc = run(*flags(data, tmp_path / "a.jsonl"), "--save", save, "--save-interval", 4)
@@ -67,21 +89,8 @@ def test_bf16_distributed_optimizer_resume_and_export(data, tmp_path):
     rank_dir = save / "iter_0000004" / "mp_rank_00"
     assert (rank_dir / "distrib_optim.pt").is_file()
 
-    # resume a copy of the iteration-4 checkpoint
-    resume = tmp_path / "b"
-    resume.mkdir()
-    shutil.copytree(save / "iter_0000004", resume / "iter_0000004")
-    (resume / "latest_checkpointed_iteration.txt").write_text("4")
-    proc = run(*flags(data, tmp_path / "b.jsonl"), "--load", resume, "--save", resume)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    again = recs(tmp_path / "b.jsonl")
-    assert [r["iteration"] for r in again] == [5, 6, 7, 8]
-    for r in again:
-        ref = full[r["iteration"] - 1]
-        assert r["batch_checksum"] == ref["batch_checksum"]
-        assert r["lr"] == pytest.approx(ref["lr"], rel=1e-9)
-        # flash attention's backward is not bit-deterministic; bf16 noise only
-        assert math.isclose(r["loss"], ref["loss"], rel_tol=2e-3), (r, ref)
+    resume = copy_iteration_4(save, tmp_path / "b")
+    resume_and_compare(full, data, tmp_path, "--load", resume, "--save", resume)
 
     from megatron_prune.convert import megatron_to_hf
     megatron_to_hf(save, tmp_path / "hf")
@@ -100,17 +109,7 @@ def test_muon_bf16_trains_and_resumes(data, tmp_path):
     full = recs(tmp_path / "a.jsonl")
     assert full[-1]["loss"] < full[0]["loss"] - 0.5
     assert not (save / "iter_0000004" / "mp_rank_00" / "distrib_optim.pt").exists()
-    resume = tmp_path / "b"
-    resume.mkdir()
-    shutil.copytree(save / "iter_0000004", resume / "iter_0000004")
-    (resume / "latest_checkpointed_iteration.txt").write_text("4")
-    proc = run(*flags(data, tmp_path / "b.jsonl"), *muon, "--load", resume)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    again = recs(tmp_path / "b.jsonl")
-    assert [r["iteration"] for r in again] == [5, 6, 7, 8]
-    for r in again:
-        ref = full[r["iteration"] - 1]
-        assert r["batch_checksum"] == ref["batch_checksum"]
-        assert math.isclose(r["loss"], ref["loss"], rel_tol=2e-3), (r, ref)
+    resume_and_compare(full, data, tmp_path, *muon, "--load",
+                       copy_iteration_4(save, tmp_path / "b"))
     proc = run(*flags(data, tmp_path / "c.jsonl"), *muon, "--use-distributed-optimizer")
     assert proc.returncode == 2 and "whole weight matrices" in proc.stderr
