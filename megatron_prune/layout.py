@@ -295,6 +295,19 @@ def extra_state_names(impl: str, stage: int, ranges: Sequence[tuple]) -> list:
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
+def layer_spec_of(name: str) -> Optional[ParamSpec]:
+    """The per-layer spec of a (stage-local) Megatron parameter name, in either layer spec:
+    "decoder.layers.3.mlp.linear_fc1.weight" -> FC1; None for names outside the layers."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None
+    rest = name[m.end():]
+    for spec in LAYER_SPECS:
+        if rest in {spec.name(impl, 0)[len("decoder.layers.0."):] for impl in IMPLS}:
+            return spec
+    return None
+
+
 def detect_impl(names) -> str:
     """Which layer spec a state dict was saved with (TE fuses the norms into the linears)."""
     names = list(names)

@@ -77,3 +77,12 @@ def test_llama2_7b_prune_plan_on_tp4_shards_at_full_size():
     # balance at TP=4: each rank keeps 6 of its own 8 heads
     heads = plan.head_order(0)
     assert [sum(1 for h in heads if r * 8 <= h < (r + 1) * 8) for r in range(4)] == [6, 6, 6, 6]
+
+
+def test_layer_spec_of_names_in_both_layer_specs():
+    for impl in layout.IMPLS:
+        for spec in layout.LAYER_SPECS:
+            assert layout.layer_spec_of(spec.name(impl, 7)) is spec, (impl, spec.key)
+    for spec in (layout.EMBEDDING, layout.FINAL_NORM, layout.OUTPUT):
+        assert layout.layer_spec_of(spec.name(layout.TE)) is None
+    assert layout.layer_spec_of("decoder.layers.0.mlp.linear_fc1._extra_state") is None

@@ -49,7 +49,7 @@ def test_matrix_roles_follow_the_layout():
     assert matrix_role("decoder.layers.3.self_attention.linear_qkv.weight") == "qkv"
     for n in ("decoder.layers.0.self_attention.linear_proj.weight",
               "decoder.layers.10.mlp.linear_fc1.weight",
-              "module.decoder.layers.1.mlp.linear_fc2.weight"):
+              "decoder.layers.1.mlp.linear_fc2.weight"):
         assert matrix_role(n) == "matrix", n
     for n in ("embedding.word_embeddings.weight", "output_layer.weight",
               "decoder.final_layernorm.weight", "decoder.layers.0.input_layernorm.weight",

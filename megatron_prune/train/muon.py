@@ -19,7 +19,6 @@ parameters over DP ranks) cannot drive it; every DP rank steps the same all-redu
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional
 
 import torch
@@ -74,12 +73,10 @@ def orthogonalize_all(mats: list, steps: int = 5) -> list:
 def matrix_role(name: str) -> Optional[str]:
     """'qkv' for a fused QKV weight, 'matrix' for another transformer-layer weight Muon steps,
     None for what stays on AdamW (embeddings, output layer, norms, biases)."""
-    for spec in MATRIX_SPECS:
-        for template in {spec.local, spec.te}:
-            pattern = re.escape(template).replace(re.escape("{i}"), r"\d+")
-            if re.fullmatch(pattern, name) or re.fullmatch(r"(?:module\.)+" + pattern, name):
-                return "qkv" if spec is layout.QKV else "matrix"
-    return None
+    spec = layout.layer_spec_of(name)
+    if spec not in MATRIX_SPECS:
+        return None
+    return "qkv" if spec is layout.QKV else "matrix"
 
 
 class MuonAdamW(torch.optim.Optimizer):
