@@ -31,7 +31,8 @@ with `--smoke`:
 usage: python bench/prune_recover.py --out results/ --time-budget 500   # late runs left out
        python bench/prune_recover.py --smoke --out /tmp/pr_smoke        # CPU, minutes
 A sweep on one teacher adds runs with trainer flags (--variant RUN@TAG=FLAGS) or pruned models
-with prune flags (--prune-variant METHOD:TAG=FLAGS) appended; docs/benchmarks.md has examples.
+with prune flags (--prune-variant METHOD:TAG=FLAGS) appended, or reruns the second goal's pair
+on smaller token budgets (--budget-sweep 1/2,1/4); docs/benchmarks.md has examples.
 """
 from __future__ import annotations
 
@@ -146,8 +147,12 @@ class Runner:
         with open(self.log, "a") as f:
             f.write(line + "\n")
 
+    def output(self, name: str) -> Path:
+        """A job's stdout and stderr (a run's name may carry '/', as in RUN@tokens1/2)."""
+        return self.work / "logs" / f"{_slug(name)}.log"
+
     def start(self, name: str, argv: List[str], gpu: Optional[int] = None):
-        out = open(self.work / "logs" / f"{name}.log", "w")
+        out = open(self.output(name), "w")
         env = self.env if gpu is None else dict(self.env, CUDA_VISIBLE_DEVICES=str(gpu))
         proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT)
@@ -157,7 +162,7 @@ class Runner:
         proc, out, name = job
         rc = proc.wait()
         out.close()
-        text = (self.work / "logs" / f"{name}.log").read_text(errors="replace")
+        text = self.output(name).read_text(errors="replace")
         with open(self.log, "a") as f:
             f.write(f"\n===== {name} (exit {rc})\n{text[-20000:]}\n")
         if rc != 0:
@@ -470,6 +475,21 @@ def _schedule_flags(p: Protocol, iters: int) -> list:
             "--log-interval", max(1, iters // 40)]
 
 
+# the runs the "60% below random init at equal tokens" goal compares: --budget-sweep reruns them
+BUDGET_RUNS = ("activation_kd", "scratch")
+
+
+def budget_variants(p: Protocol, budgets: List[str]) -> Dict[str, list]:
+    """--budget-sweep: BUDGET_RUNS again on each fraction of the recovery's iterations, each a
+    whole schedule of its own (warmup, then decay to its own end), as RUN@tokensF."""
+    out = {}
+    for f in budgets:
+        iters = max(1, round(p.recover_iters * fractions.Fraction(f)))
+        for run in BUDGET_RUNS:
+            out[f"{run}@tokens{f}"] = _schedule_flags(p, iters)
+    return out
+
+
 def _same_tokens(p: Protocol, extra: list) -> list:
     """A variant's flags, plus the schedule that keeps the recovery's tokens when they change
     the global batch without saying how long to train (a batch-size sweep at equal tokens:
@@ -550,6 +570,40 @@ def goals(p: Protocol, ev: dict, teacher: dict) -> list:
     return rows
 
 
+def budget_rows(p: Protocol, ev: dict, variants: Dict[str, list]) -> list:
+    """(tokens, activation + KD ppl, its distance from the teacher, random init ppl, how far
+    below it KD is) at the full recovery budget and each --budget-sweep one both runs of
+    finished, fewest tokens first."""
+    per_iter = p.recover_global_batch * p.seq_length
+    runs = {"": p.recover_iters}
+    runs.update({n.split("@", 1)[1]: _flag(v, "--train-iters", 0)
+                 for n, v in variants.items() if n.startswith(BUDGET_RUNS[0] + "@tokens")})
+    rows = []
+    t = ev["teacher"]["books"]
+    for tag, iters in runs.items():
+        kd, s = (ev.get(r + ("@" + tag if tag else "")) for r in BUDGET_RUNS)
+        if kd and s:
+            kd, s = kd["books"], s["books"]
+            rows.append((iters * per_iter, kd, kd / t - 1, s, 1 - kd / s))
+    return sorted(rows)
+
+
+def _budget_lines(p: Protocol, ev: dict, teacher: dict, variants: Dict[str, list]) -> list:
+    rows = budget_rows(p, ev, variants)
+    if len(rows) < 2:
+        return []
+    lines = ["", "Token budget (--budget-sweep): activation + distillation against random init, "
+             "each run with its own whole schedule", "",
+             "| recovery tokens | of the teacher's | activation + KD | vs teacher | "
+             "random init | KD below random init | both goals |", "|---|---|---|---|---|---|---|"]
+    for tokens, kd, gap, s, below in rows:
+        both = gap <= 0.03 and below >= 0.6
+        lines.append(f"| {tokens / 1e6:.2f} M | 1/{teacher['tokens'] / tokens:.0f} | {kd:.2f} | "
+                     f"{100 * gap:+.1f}% | {s:.2f} | {100 * below:.0f}% | "
+                     f"{'yes' if both else 'no'} |")
+    return lines
+
+
 def _label(name: str) -> str:
     if "@" in name:  # a --variant of a run
         base, tag = name.split("@", 1)
@@ -618,6 +672,7 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
     lines += ["", "| goal (issue 7) | measured | met |", "|---|---|---|"]
     for goal, measured, met in goals(p, ev, teacher):
         lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
+    lines += _budget_lines(p, ev, teacher, meta.get("variants", {}))
     if meta.get("variants"):
         lines += ["", "Variants (the base run's flags, then these):"]
         lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in meta["variants"].items()]
@@ -634,6 +689,8 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
     (out / "results.json").write_text(json.dumps(
         {"protocol": dataclasses.asdict(p), "meta": meta, "teacher": {
             k: v for k, v in teacher.items() if k != "log"}, "eval": ev,
+         "budgets": [dict(tokens=n, kd=kd, kd_vs_teacher=g, scratch=s, kd_below_scratch=b)
+                     for n, kd, g, s, b in budget_rows(p, ev, meta.get("variants", {}))],
          "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher)]},
         indent=2, default=str))
     _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in
@@ -786,6 +843,11 @@ def parse_args(argv=None):
                          "appended (a --drop-layers list replaces the method's choice of "
                          "layers), and recover it as METHOD:TAG_lm / METHOD:TAG_kd, e.g. "
                          "--prune-variant 'activation:last=--drop-layers 8,9,10'; repeatable")
+    ap.add_argument("--budget-sweep", default="", metavar="F[,F...]",
+                    help="also run activation + distillation and random init (the pair the "
+                         "60%%-below-random-init goal compares) on these fractions of the "
+                         "recovery tokens, e.g. 1/2,1/4, each with a whole schedule of its own; "
+                         "the report tabulates both goals at every budget")
     ap.add_argument("--skip", default="",
                     help="comma-separated recovery runs to leave out, e.g. scratch,random_lm")
     from megatron_prune.train.arguments import LR_DECAY_STYLES, OPTIMIZERS
@@ -816,6 +878,23 @@ def parse_prune_variants(texts: List[str], methods: List[str]) -> Dict[str, List
     return out
 
 
+def parse_budgets(text: str, kd_methods: List[str]) -> List[str]:
+    """--budget-sweep F[,F...] -> the fractions, checked before any training."""
+    budgets = [f for f in text.split(",") if f]
+    for f in budgets:
+        try:
+            _fraction(f)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--budget-sweep: {e}") from None
+        if fractions.Fraction(f) == 1:
+            raise SystemExit("--budget-sweep: 1 is the recovery budget itself; give fractions "
+                             "below 1")
+    if budgets and "activation" not in kd_methods:
+        raise SystemExit("--budget-sweep reruns activation + distillation: keep activation in "
+                         "--methods and --kd-methods")
+    return budgets
+
+
 def main(argv=None) -> int:
     # one line per model instead of progress bars; before parse_args, whose imports bring in
     # tqdm, which reads its TQDM_* variables once, when imported
@@ -844,6 +923,7 @@ def main(argv=None) -> int:
         if _global_batch(variants[name], p) % mbs:  # the trainer would refuse it, much later
             raise SystemExit(f"--variant {v!r}: the global batch is not a multiple of the "
                              f"micro-batch ({mbs}); set --micro-batch-size too")
+    budgets = parse_budgets(a.budget_sweep, kd_methods)
     prune_variants = parse_prune_variants(a.prune_variant, methods)
     runs = run_names(methods + list(prune_variants), kd_methods)
     skip = tuple(n for n in a.skip.split(",") if n)
@@ -874,7 +954,9 @@ def main(argv=None) -> int:
         p.recover_iters = recovery_iterations(p, teacher["tokens"])
         r.say(f"  recovery: {p.recover_iters} iterations = {p.recover_fraction} of the "
               "teacher's tokens at most")
-    variants = {n: _same_tokens(p, v) for n, v in variants.items()}  # now that iters are known
+    # now that iters are known
+    variants = {n: _same_tokens(p, v) for n, v in variants.items()}
+    variants.update(budget_variants(p, budgets))
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods, prune_variants)
     jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)

@@ -23,14 +23,16 @@ def test_prune_recover_smoke(tmp_path):
                            "--variant", "activation_kd@logits=--kd-hidden-weight 0",
                            "--prune-variant", "activation:last=--drop-layers 0",
                            "--prune-variant", "activation:ppl=--layer-method perplexity",
-                           "--skip", "activation:last_lm,activation:ppl_lm"],
+                           "--skip", "activation:last_lm,activation:ppl_lm",
+                           "--budget-sweep", "1/2"],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     ev = res["eval"]
     methods = ("random", "magnitude", "activation", "taylor")
     assert set(ev) == {"teacher", "scratch", "activation_kd@logits", "activation:last_pruned",
-                       "activation:last_kd", "activation:ppl_pruned", "activation:ppl_kd"} | {
+                       "activation:last_kd", "activation:ppl_pruned", "activation:ppl_kd",
+                       "activation_kd@tokens1/2", "scratch@tokens1/2"} | {
         f"{m}_{k}" for m in methods for k in ("pruned", "lm", "kd")}
     t = ev["teacher"]
     for m in methods:  # pruning removed parameters; training helped every pruned model
@@ -44,6 +46,10 @@ def test_prune_recover_smoke(tmp_path):
     assert p["recover_iters"] * per_iter <= res["teacher"]["tokens"] / 6
     assert (p["recover_iters"] + 1) * per_iter > res["teacher"]["tokens"] / 6
     assert "hidden states of student layers" in (tmp_path / "run.log").read_text()
+    # the budget sweep: the goal's pair again on half the tokens, tabulated beside the full one
+    assert [b["tokens"] for b in res["budgets"]] == [
+        round(p["recover_iters"] / 2) * per_iter, p["recover_iters"] * per_iter]
+    assert "Token budget (--budget-sweep)" in (tmp_path / "results.md").read_text()
     # the prune variant kept the teacher's last layer, and distilled through its plan
     plan = json.loads((tmp_path / "work" / "pruned_activation-last" / "prune_plan.json")
                       .read_text())
@@ -106,3 +112,30 @@ def test_prune_variant_flags():
     for bad in ("activation=--seed 1", "activation:a_b=x", "activation:=x", "taylor:t=x"):
         with pytest.raises(SystemExit, match="--prune-variant"):
             pr.parse_prune_variants([bad], ["activation"])
+
+
+def test_budget_sweep():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import prune_recover as pr
+    p = pr.Protocol(recover_iters=1228)
+    v = pr.budget_variants(p, pr.parse_budgets("1/2,1/8", ["activation"]))
+    assert list(v) == ["activation_kd@tokens1/2", "scratch@tokens1/2",
+                       "activation_kd@tokens1/8", "scratch@tokens1/8"]
+    # each budget is a whole schedule of its own: its iterations, 5% of them warmup
+    assert pr._flag(v["scratch@tokens1/8"], "--train-iters", 0) == 154
+    assert pr._flag(v["scratch@tokens1/8"], "--lr-warmup-iters", 0) == 7
+    ev = {"teacher": {"books": 30.0}, "activation_kd": {"books": 30.3},
+          "scratch": {"books": 45.0}, "activation_kd@tokens1/2": {"books": 33.0},
+          "scratch@tokens1/2": {"books": 90.0}, "activation_kd@tokens1/8": {"books": 40.0}}
+    rows = pr.budget_rows(p, ev, v)  # 1/8 lacks its random init: left out
+    assert [r[0] for r in rows] == [614 * 8 * 1024, 1228 * 8 * 1024]
+    tokens, kd, gap, s, below = rows[0]
+    assert (kd, s) == (33.0, 90.0) and abs(gap - 0.1) < 1e-9 and abs(below - 19 / 30) < 1e-9
+    lines = pr._budget_lines(p, ev, {"tokens": 6 * 1228 * 8 * 1024}, v)
+    assert lines[-2].startswith("| 5.03 M | 1/12 | 33.00 | +10.0% | 90.00 | 63% | no |")
+    assert lines[-1].endswith("| +1.0% | 45.00 | 33% | no |")
+    for bad in ("1", "0", "2/1", "x"):
+        with pytest.raises(SystemExit, match="--budget-sweep"):
+            pr.parse_budgets(bad, ["activation"])
+    with pytest.raises(SystemExit, match="activation"):
+        pr.parse_budgets("1/2", ["random"])
