@@ -10,13 +10,15 @@ gradients, stepped by:
   muon_1    `MuonAdamW` orthogonalizing and applying every matrix on its own (PENDING_ELEMENTS
             = 1: the optimizer before Newton-Schulz was batched);
   muon      `MuonAdamW` as the trainer runs it: matrices of one shape in one batched chain,
-            at most 2^27 elements held at a time.
-Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
+            at most 2^27 elements held at a time, fp32 matmuls (torch's default);
+  muon_tf32 the same with TF32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32), which
+            the trainer does not set: what Newton-Schulz would cost on tensor cores.
+All three Muon kinds step the same start once, and their weights are compared (max abs
+difference from `muon_1`). Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
 vocab 32000); the 1.1B of the training benchmarks (16 layers, hidden 2048, 32 heads / 8
 groups, FFN 8192); one middle pipeline stage of Llama-2-7B at PP=4 (8 layers, hidden 4096,
-32 heads, FFN 11008). Checks that batched and one-at-a-time Muon step the weights alike (max
-abs difference after one step), then times each (CUDA events, median of 3 runs of N steps
-after warm-up). Writes JSON to --out and prints a table.
+32 heads, FFN 11008). Times each (median of 3 runs of N steps after 2 warm-up steps, synchronized
+wall time). Writes JSON to --out and prints a table, a row per shape as it is done.
 """
 from __future__ import annotations
 
@@ -105,10 +107,12 @@ def measure(label: str, shape: dict, stage: int, stages: int, steps: int) -> dic
     default = muon.PENDING_ELEMENTS
     row = {"shape": label}
     after = {}
-    for kind in ("adamw", "muon_1", "muon"):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for kind in ("adamw", "muon_1", "muon", "muon_tf32"):
         params = rank_params(cfg, stage, stages)
         row["params_M"] = round(sum(p.numel() for p in params.values()) / 1e6, 1)
         muon.PENDING_ELEMENTS = pending(kind)
+        torch.backends.cuda.matmul.allow_tf32 = kind == "muon_tf32"
         try:
             opt = optimizer(kind, params, cfg)
             if kind != "adamw":  # one step from the same start: batched must equal one by one
@@ -118,11 +122,13 @@ def measure(label: str, shape: dict, stage: int, stages: int, steps: int) -> dic
             row[f"{kind}_ms"] = round(ms_per_step(opt, steps), 2)
         finally:
             muon.PENDING_ELEMENTS = default
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         del opt, params
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    row["batched_vs_one_max_abs_diff"] = max(
-        (after["muon"][n] - after["muon_1"][n]).abs().max().item() for n in after["muon"])
+    for kind in ("muon", "muon_tf32"):
+        row[f"{kind}_max_abs_diff"] = max(
+            (after[kind][n] - after["muon_1"][n]).abs().max().item() for n in after[kind])
     row["speedup_batched"] = round(row["muon_1_ms"] / row["muon_ms"], 2)
     row["muon_vs_adamw"] = round(row["muon_ms"] / row["adamw_ms"], 2)
     del after
@@ -135,23 +141,26 @@ def main(argv=None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--out", required=True, help="JSON results file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU works too)")
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed run")
     a = ap.parse_args(argv)
-    rows = [measure(*s, steps=a.steps) for s in (SMOKE if a.smoke else SHAPES)]
     device = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU"
     res = {"date": datetime.date.today().isoformat(), "device": device,
            "torch": torch.__version__, "command": "python bench/muon_step.py "
-           + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
+           + " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
     print(f"{res['command']} | {device} | torch {torch.__version__}")
     print("| shape | parameters | AdamW ms | Muon, one at a time ms | Muon, batched ms | "
-          "batched speed-up | Muon / AdamW | batched vs one: max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+          "batched speed-up | Muon / AdamW | Muon, TF32 ms | max abs diff from one at a time: "
+          "batched, TF32 |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    for shape in SMOKE if a.smoke else SHAPES:
+        r = measure(*shape, steps=a.steps)
+        res["rows"].append(r)
+        Path(a.out).write_text(json.dumps(res, indent=2))  # every row as soon as it is done
         print(f"| {r['shape']} | {r['params_M']} M | {r['adamw_ms']} | {r['muon_1_ms']} | "
               f"{r['muon_ms']} | {r['speedup_batched']}x | {r['muon_vs_adamw']}x | "
-              f"{r['batched_vs_one_max_abs_diff']:.1e} |")
+              f"{r['muon_tf32_ms']} | {r['muon_max_abs_diff']:.1e}, "
+              f"{r['muon_tf32_max_abs_diff']:.1e} |", flush=True)
     return 0
 
 
