@@ -8,13 +8,14 @@ main weights, in the local layer spec's names and fused shapes, from `layout`), 
 gradients, stepped by:
   adamw     torch's AdamW (fused on CUDA), what `--optimizer adam` costs at best;
   muon_1    `MuonAdamW` orthogonalizing and applying every matrix on its own (PENDING_ELEMENTS
-            = 1: the optimizer before Newton-Schulz was batched);
-  muon      `MuonAdamW` as the trainer runs it: matrices of one shape in one batched chain,
-            at most 2^27 elements held at a time, fp32 matmuls (torch's default);
-  muon_tf32 the same with TF32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32), which
-            the trainer does not set: what Newton-Schulz would cost on tensor cores.
-All three Muon kinds step the same start once, and their weights are compared (max abs
-difference from `muon_1`). Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
+            = 1: the optimizer before Newton-Schulz was batched), fp32 matmuls;
+  muon      `MuonAdamW` batched: matrices of one shape in one chain, at most 2^27 elements
+            held at a time, fp32 matmuls (`--muon-fp32-matmul-prec highest`);
+  muon_tf32 the same at `--muon-fp32-matmul-prec high` (TF32 matmuls);
+  muon_bf16 the same at `--muon-fp32-matmul-prec medium` (bf16 inside fp32 matmuls: the
+            trainer's default, as megatron-core's).
+Every Muon kind steps the same start once, and its weights are compared with `muon_1`'s (max
+abs difference; the step itself is 1e-3 x RMS 0.2). Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
 vocab 32000); the 1.1B of the training benchmarks (16 layers, hidden 2048, 32 heads / 8
 groups, FFN 8192); one middle pipeline stage of Llama-2-7B at PP=4 (8 layers, hidden 4096,
 32 heads, FFN 11008). Times each (median of 3 runs of N steps after 2 warm-up steps, synchronized
@@ -80,11 +81,13 @@ def optimizer(kind: str, params: dict, cfg: ModelConfig):
                                  weight_decay=0.1, **({"fused": True} if DEV == "cuda" else {}))
     roles = [muon.matrix_role(n) for n in params]
     return muon.MuonAdamW([{"params": list(params.values())}], [roles], cfg=cfg, lr=1e-3,
-                          weight_decay=0.1, nesterov=True)
+                          weight_decay=0.1, nesterov=True,
+                          fp32_matmul_prec=MUON_KINDS[kind][1])
 
 
-def pending(kind: str) -> int:
-    return 1 if kind == "muon_1" else muon.PENDING_ELEMENTS
+# kind -> (matrices orthogonalized at once: 1 or the trainer's, --muon-fp32-matmul-prec)
+MUON_KINDS = {"muon_1": (1, "highest"), "muon": (None, "highest"), "muon_tf32": (None, "high"),
+              "muon_bf16": (None, "medium")}
 
 
 def ms_per_step(opt, steps: int) -> float:
@@ -107,12 +110,10 @@ def measure(label: str, shape: dict, stage: int, stages: int, steps: int) -> dic
     default = muon.PENDING_ELEMENTS
     row = {"shape": label}
     after = {}
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    for kind in ("adamw", "muon_1", "muon", "muon_tf32"):
+    for kind in ("adamw", *MUON_KINDS):
         params = rank_params(cfg, stage, stages)
         row["params_M"] = round(sum(p.numel() for p in params.values()) / 1e6, 1)
-        muon.PENDING_ELEMENTS = pending(kind)
-        torch.backends.cuda.matmul.allow_tf32 = kind == "muon_tf32"
+        muon.PENDING_ELEMENTS = MUON_KINDS.get(kind, (None,))[0] or default
         try:
             opt = optimizer(kind, params, cfg)
             if kind != "adamw":  # one step from the same start: batched must equal one by one
@@ -122,11 +123,10 @@ def measure(label: str, shape: dict, stage: int, stages: int, steps: int) -> dic
             row[f"{kind}_ms"] = round(ms_per_step(opt, steps), 2)
         finally:
             muon.PENDING_ELEMENTS = default
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         del opt, params
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    for kind in ("muon", "muon_tf32"):
+    for kind in list(MUON_KINDS)[1:]:
         row[f"{kind}_max_abs_diff"] = max(
             (after[kind][n] - after["muon_1"][n]).abs().max().item() for n in after[kind])
     row["speedup_batched"] = round(row["muon_1_ms"] / row["muon_ms"], 2)
@@ -149,9 +149,9 @@ def main(argv=None) -> int:
            + " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
     print(f"{res['command']} | {device} | torch {torch.__version__}")
     print("| shape | parameters | AdamW ms | Muon, one at a time ms | Muon, batched ms | "
-          "batched speed-up | Muon / AdamW | Muon, TF32 ms | max abs diff from one at a time: "
-          "batched, TF32 |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+          "batched speed-up | Muon / AdamW | Muon, TF32 ms | Muon, bf16 ms | max abs diff from "
+          "one at a time: batched, TF32, bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for shape in SMOKE if a.smoke else SHAPES:
         r = measure(*shape, steps=a.steps)
@@ -159,8 +159,9 @@ def main(argv=None) -> int:
         Path(a.out).write_text(json.dumps(res, indent=2))  # every row as soon as it is done
         print(f"| {r['shape']} | {r['params_M']} M | {r['adamw_ms']} | {r['muon_1_ms']} | "
               f"{r['muon_ms']} | {r['speedup_batched']}x | {r['muon_vs_adamw']}x | "
-              f"{r['muon_tf32_ms']} | {r['muon_max_abs_diff']:.1e}, "
-              f"{r['muon_tf32_max_abs_diff']:.1e} |", flush=True)
+              f"{r['muon_tf32_ms']} | {r['muon_bf16_ms']} | {r['muon_max_abs_diff']:.1e}, "
+              f"{r['muon_tf32_max_abs_diff']:.1e}, {r['muon_bf16_max_abs_diff']:.1e} |",
+              flush=True)
     return 0
 
 

@@ -15,6 +15,9 @@ from ..config import ConfigError
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 OPTIMIZERS = ("adam", "muon")
+# torch.set_float32_matmul_precision's levels, which Newton-Schulz runs at (megatron-core's
+# Muon takes the same names): fp32, TF32, bf16 inside fp32 matmuls
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 @dataclass
@@ -107,6 +110,7 @@ class OptimizerArgs:
     muon_num_ns_steps: int = 5
     muon_extra_scale_factor: float = 1.0
     muon_split_qkv: bool = True
+    muon_fp32_matmul_prec: str = "medium"  # megatron-core's default
 
 
 @dataclass
@@ -370,6 +374,9 @@ def _flags():
             help="orthogonalize q, k and v of the fused QKV weight apart (default)")),
         ("--no-muon-split-qkv", "optim", "muon_split_qkv",
          dict(action="store_const", const=False)),
+        ("--muon-fp32-matmul-prec", "optim", "muon_fp32_matmul_prec", dict(
+            choices=MATMUL_PRECISIONS, help="torch's fp32 matmul precision in Newton-Schulz "
+            "(default medium, as megatron-core's: bf16 inside; high: TF32; highest: fp32)")),
         # checkpoints
         ("--load", "checkpoint", "load", dict(type=S,
             help="resume from the latest checkpoint here when there is one (model, optimizer, "

@@ -18,6 +18,7 @@ parameters over DP ranks) cannot drive it; every DP rank steps the same all-redu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -90,7 +91,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, groups, roles, *, cfg: ModelConfig, lr: float, weight_decay: float,
                  betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
                  nesterov: bool = False, ns_steps: int = 5, extra_scale: float = 1.0,
-                 split_qkv: bool = True, tp_group=None):
+                 split_qkv: bool = True, fp32_matmul_prec: str = "highest", tp_group=None):
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
         if [len(g["params"]) for g in self.param_groups] != [len(r) for r in roles]:
             raise ValueError("MuonAdamW: one role per parameter of every group")
@@ -98,6 +99,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.cfg, self.momentum, self.nesterov = cfg, momentum, nesterov
         self.ns_steps, self.extra_scale = ns_steps, extra_scale
         self.split_qkv, self.tp_group = split_qkv, tp_group
+        self.fp32_matmul_prec = fp32_matmul_prec
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -160,8 +162,9 @@ class MuonAdamW(torch.optim.Optimizer):
             self._apply(pending)
 
     def _apply(self, pending) -> None:
-        done = iter(orthogonalize_all([m for *_, parts in pending for m in parts],
-                                      self.ns_steps))
+        with matmul_precision(self.fp32_matmul_prec):
+            done = iter(orthogonalize_all([m for *_, parts in pending for m in parts],
+                                          self.ns_steps))
         for p, group, dim, tp, parts in pending:
             # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)): scaled to RMS_TARGET
             new = [next(done).mul_(RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape)))
@@ -177,6 +180,19 @@ class MuonAdamW(torch.optim.Optimizer):
         if not getattr(p, "tensor_model_parallel", False) or not dist.is_initialized():
             return None, 1
         return p.partition_dim, dist.get_world_size(self.tp_group)
+
+
+@contextlib.contextmanager
+def matmul_precision(level: str):
+    """torch's fp32 matmul precision set to `level` inside, restored after: Newton-Schulz only
+    needs singular values pushed into [0.7, 1.2], so reduced-precision matmuls serve it, and
+    the rest of training keeps its own setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
