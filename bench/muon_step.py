@@ -52,7 +52,7 @@ SHAPES = [
           num_query_groups=32), 1, 4),
 ]
 SMOKE = [("tiny (2 x 64)", dict(num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                                num_attention_heads=4, num_query_groups=2), 0, 1)]
+                                num_attention_heads=4, num_query_groups=2, vocab_size=512), 0, 1)]
 
 
 def sync():
@@ -105,8 +105,8 @@ def ms_per_step(opt, steps: int) -> float:
 
 
 def measure(label: str, shape: dict, stage: int, stages: int, steps: int) -> dict:
-    cfg = ModelConfig(**shape, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
-                      vocab_size=32000)
+    cfg = ModelConfig(**{"vocab_size": 32000, **shape},
+                      head_dim=shape["hidden_size"] // shape["num_attention_heads"])
     default = muon.PENDING_ELEMENTS
     row = {"shape": label}
     after = {}

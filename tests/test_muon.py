@@ -65,6 +65,24 @@ def test_matmul_precision_is_scoped_to_newton_schulz():
         assert err < 0.02, (prec, err)
 
 
+def test_muon_step_bench_smoke(tmp_path):
+    """bench/muon_step.py's plumbing on a tiny shape: every kind steps, batched and one at a
+    time agree, and PENDING_ELEMENTS is left as it was."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from megatron_prune.train import muon
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import muon_step
+    before = muon.PENDING_ELEMENTS
+    assert muon_step.main(["--smoke", "--out", str(tmp_path / "m.json"), "--steps", "1"]) == 0
+    (row,) = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert row["muon_max_abs_diff"] < 1e-7 and row["muon_bf16_max_abs_diff"] < 1e-5
+    assert all(row[f"{k}_ms"] > 0 for k in ("adamw", "muon_1", "muon", "muon_tf32", "muon_bf16"))
+    assert muon.PENDING_ELEMENTS == before
+
+
 def test_matrix_roles_follow_the_layout():
     assert matrix_role("decoder.layers.3.self_attention.linear_qkv.weight") == "qkv"
     for n in ("decoder.layers.0.self_attention.linear_proj.weight",
