@@ -16,7 +16,8 @@ from ..config import ConfigError
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 OPTIMIZERS = ("adam", "muon")
 # torch.set_float32_matmul_precision's levels, which Newton-Schulz runs at (megatron-core's
-# Muon takes the same names): fp32, TF32, bf16 inside fp32 matmuls
+# Muon takes the same names): fp32; TF32; bf16 inside where the hardware has it (on an H200,
+# bench/muon_step.py measured "medium" as fast as TF32 and as close to fp32)
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
@@ -376,7 +377,8 @@ def _flags():
          dict(action="store_const", const=False)),
         ("--muon-fp32-matmul-prec", "optim", "muon_fp32_matmul_prec", dict(
             choices=MATMUL_PRECISIONS, help="torch's fp32 matmul precision in Newton-Schulz "
-            "(default medium, as megatron-core's: bf16 inside; high: TF32; highest: fp32)")),
+            "only: highest = fp32, high = TF32, medium (default, as megatron-core's) = bf16 "
+            "inside where the hardware has it (measured as TF32 on an H200)")),
         # checkpoints
         ("--load", "checkpoint", "load", dict(type=S,
             help="resume from the latest checkpoint here when there is one (model, optimizer, "
