@@ -1,6 +1,6 @@
 """The optimizer step on one GPU: Muon batched by shape, Muon one matrix at a time, and AdamW.
 
-    python bench/muon_step.py --out muon_step.json            # one GPU, about a minute
+    python bench/muon_step.py --out muon_step.json            # one GPU, about 3 minutes
     python bench/muon_step.py --smoke --out /tmp/m.json       # tiny shapes; the CPU works too
 
 For each shape, one rank's parameters as megatron's mixed-precision wrapper holds them (fp32
