@@ -51,6 +51,9 @@ class PrunePlan:
     tensor_parallel: int = 1
     seed: Optional[int] = None
     meta: dict = field(default_factory=dict)
+    # what chose keep_layers: a --layer-method (with --num-layers-remain), "drop-layers" (the
+    # list given) or "none" (every layer kept); None in plans written before it was recorded
+    layer_method: Optional[str] = None
 
     @property
     def source_config(self) -> ModelConfig:
@@ -171,13 +174,22 @@ def resolve_target(cfg: ModelConfig, t: PruneTarget, tp: int) -> dict:
                 ffn_hidden_size=ffn)
 
 
+def layers_chosen_by(cfg: ModelConfig, t: PruneTarget) -> str:
+    """What chooses the kept layers, as the plan records it."""
+    if t.drop_layers:
+        return "drop-layers"
+    if t.num_layers is None or t.num_layers == cfg.num_layers:
+        return "none"
+    return t.layer_method
+
+
 def _keep_layers(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> list:
     L = cfg.num_layers
     if t.layer_method not in LAYER_METHODS:  # a prune config JSON is not checked by argparse
         raise ConfigError(f"layer method must be one of {LAYER_METHODS}, got {t.layer_method!r}")
-    if t.drop_layers:
+    if layers_chosen_by(cfg, t) == "drop-layers":
         return [i for i in range(L) if i not in set(t.drop_layers)]
-    if t.num_layers is None or t.num_layers == L:
+    if layers_chosen_by(cfg, t) == "none":
         return list(range(L))
     n = t.num_layers
     if t.layer_method == "contiguous":
@@ -223,7 +235,8 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
     return PrunePlan(source=_cfg_dict(src), target=_cfg_dict(tgt), keep_layers=keep_layers,
                      keep_hidden=keep_hidden, keep_groups=keep_groups, keep_heads=keep_heads,
                      keep_ffn=keep_ffn, method=scores.method, prune_type=prune_type,
-                     tensor_parallel=tp, seed=seed)
+                     tensor_parallel=tp, seed=seed,
+                     layer_method=layers_chosen_by(cfg, target))
 
 
 def _cfg_dict(cfg: ModelConfig) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def test_depth_only_prune_by_layer_scores(hf, tmp_path):
     prune_megatron(tmp_path / "meg", tmp_path / "p", PruneTarget(num_layers=3),
                    scores=tmp_path / "scores.pt")
     plan = PrunePlan.load(tmp_path / "p" / PLAN_FILE)
-    assert plan.keep_layers == [0, 2, 4]
+    assert plan.keep_layers == [0, 2, 4] and plan.layer_method == "block-influence"
     assert plan.target["hidden_size"] == cfg.hidden_size  # width untouched
 
 
@@ -187,7 +188,13 @@ def test_perplexity_layer_method_needs_layer_losses(hf):
     with pytest.raises(ConfigError, match="importance --layer-loss"):
         make_plan(cfg, target, s)
     s.meta.update(loss=2.0, layer_loss=[9.0, 2.1, 3.0, 2.2, 2.5])
-    assert make_plan(cfg, target, s).keep_layers == [0, 2, 4]
+    plan = make_plan(cfg, target, s)
+    assert plan.keep_layers == [0, 2, 4] and plan.layer_method == "perplexity"
+    assert make_plan(cfg, PruneTarget(drop_layers=[1]), s).layer_method == "drop-layers"
+    assert make_plan(cfg, PruneTarget(hidden_size=32), s).layer_method == "none"
+    # a plan written before layer_method was recorded still loads, with None
+    old = {k: v for k, v in asdict(plan).items() if k != "layer_method"}
+    assert PrunePlan(**old).layer_method is None
     with pytest.raises(ConfigError, match="layer method must be one of"):
         make_plan(cfg, PruneTarget(num_layers=3, layer_method="ppl"), s)  # e.g. from a JSON
 
