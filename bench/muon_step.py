@@ -2,6 +2,7 @@
 
     python bench/muon_step.py --out muon_step.json            # one GPU, about 3 minutes
     python bench/muon_step.py --smoke --out /tmp/m.json       # tiny shapes; the CPU works too
+    torchrun --nproc-per-node 2 bench/muon_step.py --out m.json --only student   # over DP=2
 
 For each shape, one rank's parameters as megatron's mixed-precision wrapper holds them (fp32
 main weights, in the local layer spec's names and fused shapes, from `layout`), with random
@@ -15,7 +16,10 @@ gradients, stepped by:
   muon_bf16 the same at `--muon-fp32-matmul-prec medium` (bf16 inside fp32 matmuls: the
             trainer's default, as megatron-core's).
 Every Muon kind steps the same start once, and its weights are compared with `muon_1`'s (max
-abs difference; the step itself is 1e-3 x RMS 0.2). Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
+abs difference; the step itself is 1e-3 x RMS 0.2). Under torchrun every rank holds the same
+weights and gradients, as DP ranks do after the all-reduce, and the Muon kinds split the
+Newton-Schulz work over them (one rank orthogonalizes each matrix and broadcasts the update).
+Shapes: the prune -> recover student (9 layers, hidden 512, 8 heads / 4 groups, FFN 1024,
 vocab 32000); the 1.1B of the training benchmarks (16 layers, hidden 2048, 32 heads / 8
 groups, FFN 8192); one middle pipeline stage of Llama-2-7B at PP=4 (8 layers, hidden 4096,
 32 heads, FFN 11008). Times each (median of 3 runs of N steps after 2 warm-up steps, synchronized
@@ -26,12 +30,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,7 +88,8 @@ def optimizer(kind: str, params: dict, cfg: ModelConfig):
     roles = [muon.matrix_role(n) for n in params]
     return muon.MuonAdamW([{"params": list(params.values())}], [roles], cfg=cfg, lr=1e-3,
                           weight_decay=0.1, nesterov=True,
-                          fp32_matmul_prec=MUON_KINDS[kind][1])
+                          fp32_matmul_prec=MUON_KINDS[kind][1],
+                          dp_group=dist.group.WORLD if dist.is_initialized() else None)
 
 
 # kind -> (matrices orthogonalized at once: 1 or the trainer's, --muon-fp32-matmul-prec)
@@ -142,18 +149,34 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON results file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU works too)")
     ap.add_argument("--steps", type=int, default=3, help="steps per timed run")
+    ap.add_argument("--only", default="", help="the shapes whose label contains this")
     a = ap.parse_args(argv)
+    dp = int(os.environ.get("WORLD_SIZE", "1"))
+    if dp > 1:  # under torchrun: the ranks of one DP group
+        if DEV == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if DEV == "cuda" else "gloo")
+    quiet = dp > 1 and dist.get_rank() > 0
     device = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU"
-    res = {"date": datetime.date.today().isoformat(), "device": device,
-           "torch": torch.__version__, "command": "python bench/muon_step.py "
-           + " ".join(sys.argv[1:] if argv is None else argv), "rows": []}
-    print(f"{res['command']} | {device} | torch {torch.__version__}")
+    res = {"date": datetime.date.today().isoformat(), "device": device, "dp": dp,
+           "torch": torch.__version__, "command": ("python" if dp == 1 else
+                                                   f"torchrun --nproc-per-node {dp}")
+           + " bench/muon_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "rows": []}
+    shapes = [x for x in (SMOKE if a.smoke else SHAPES) if a.only in x[0]]
+    if not shapes:
+        raise SystemExit(f"--only {a.only!r}: no shape's label contains it")
+    if quiet:
+        for shape in shapes:
+            measure(*shape, steps=a.steps)
+        return 0
+    print(f"{res['command']} | {device} | DP {dp} | torch {torch.__version__}")
     print("| shape | parameters | AdamW ms | Muon, one at a time ms | Muon, batched ms | "
           "batched speed-up | Muon / AdamW | Muon, TF32 ms | Muon, bf16 ms | max abs diff from "
           "one at a time: batched, TF32, bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    for shape in SMOKE if a.smoke else SHAPES:
+    for shape in shapes:
         r = measure(*shape, steps=a.steps)
         res["rows"].append(r)
         Path(a.out).write_text(json.dumps(res, indent=2))  # every row as soon as it is done

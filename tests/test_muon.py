@@ -83,6 +83,23 @@ def test_muon_step_bench_smoke(tmp_path):
     assert muon.PENDING_ELEMENTS == before
 
 
+def test_dp_ranks_share_newton_schulz_work():
+    """Over DP, each matrix goes to the least-loaded rank by Newton-Schulz cost: a model's
+    layers (QKV parts, output, FC1, FC2) spread over 2 and 4 ranks, no two ranks' loads
+    apart by more than the largest matrix's cost."""
+    cfg = ModelConfig(num_layers=9, hidden_size=512, ffn_hidden_size=1024,
+                      num_attention_heads=8, num_query_groups=4, head_dim=64, vocab_size=32)
+    opt = MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], [[None]], cfg=cfg,
+                    lr=0.1, weight_decay=0.0)
+    layer = [[torch.empty(512, 512), torch.empty(256, 512), torch.empty(256, 512)],
+             [torch.empty(512, 512)], [torch.empty(2048, 512)], [torch.empty(512, 1024)]]
+    for dp in (2, 4):
+        opt._load = [0] * dp
+        owners = [opt._owner(parts) for _ in range(cfg.num_layers) for parts in layer]
+        assert set(owners) == set(range(dp))
+        assert max(opt._load) - min(opt._load) <= 2048 * 512 * 512, opt._load
+
+
 def test_matrix_roles_follow_the_layout():
     assert matrix_role("decoder.layers.3.self_attention.linear_qkv.weight") == "qkv"
     for n in ("decoder.layers.0.self_attention.linear_proj.weight",
@@ -170,11 +187,13 @@ def test_muon_trains_and_differs_from_adamw(muon_run, stories_tp1, shakespeare, 
 
 def test_muon_tp2_and_dp2_match_single_process(muon_run, stories_tp1, shakespeare, tmp_path):
     """TP=2 gathers each sharded update, orthogonalizes the whole matrix (q, k, v apart) and
-    keeps its block: the curve is the 1-process one. DP=2 steps the all-reduced gradients."""
+    keeps its block: the curve is the 1-process one. DP=2 splits the orthogonalizations
+    between its ranks and broadcasts the updates; TP=2 x DP=2 does both."""
     base = records(muon_run / "base.jsonl")
-    for name, nproc_flags in (("tp2", ["--tensor-model-parallel-size", 2]), ("dp2", [])):
-        ok(run_train(2, *common(stories_tp1, shakespeare, tmp_path, name), *MUON,
-                     *nproc_flags))
+    for name, nproc, flags in (("tp2", 2, ["--tensor-model-parallel-size", 2]),
+                               ("dp2", 2, []),
+                               ("tp2dp2", 4, ["--tensor-model-parallel-size", 2])):
+        ok(run_train(nproc, *common(stories_tp1, shakespeare, tmp_path, name), *MUON, *flags))
         assert_same_curve(base, records(tmp_path / f"{name}.jsonl"))
 
 

@@ -20,6 +20,8 @@ defaults to fp32, the definition the tests compare with).
 
 The optimizer needs whole matrices, so megatron-core's distributed optimizer (flat shards of all
 parameters over DP ranks) cannot drive it; every DP rank steps the same all-reduced gradients.
+The Newton-Schulz work is split over DP instead: each matrix is orthogonalized on one DP rank
+and its update broadcast to the others.
 """
 from __future__ import annotations
 
@@ -96,18 +98,21 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, groups, roles, *, cfg: ModelConfig, lr: float, weight_decay: float,
                  betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
                  nesterov: bool = False, ns_steps: int = 5, extra_scale: float = 1.0,
-                 split_qkv: bool = True, fp32_matmul_prec: str = "highest", tp_group=None):
+                 split_qkv: bool = True, fp32_matmul_prec: str = "highest", tp_group=None,
+                 dp_group=None):
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
         if [len(g["params"]) for g in self.param_groups] != [len(r) for r in roles]:
             raise ValueError("MuonAdamW: one role per parameter of every group")
         self.roles = [list(r) for r in roles]
         self.cfg, self.momentum, self.nesterov = cfg, momentum, nesterov
         self.ns_steps, self.extra_scale = ns_steps, extra_scale
-        self.split_qkv, self.tp_group = split_qkv, tp_group
+        self.split_qkv, self.tp_group, self.dp_group = split_qkv, tp_group, dp_group
         self.fp32_matmul_prec = fp32_matmul_prec
+        self._load: list = []  # Newton-Schulz work given to each DP rank in this step
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._load = [0] * self._dp_size()
         muon = []
         for group, roles in zip(self.param_groups, self.roles):
             for p, role in zip(group["params"], roles):
@@ -167,18 +172,48 @@ class MuonAdamW(torch.optim.Optimizer):
             self._apply(pending)
 
     def _apply(self, pending) -> None:
+        """Orthogonalize and apply. Over DP every rank holds the same all-reduced updates, so
+        each matrix is orthogonalized by one rank only (the least loaded so far this step)
+        and broadcast to the others: 1/DP of the Newton-Schulz work each, the same result."""
+        owners = [self._owner(parts) for *_, parts in pending]
+        me = dist.get_rank(self.dp_group) if len(self._load) > 1 else 0
         with matmul_precision(self.fp32_matmul_prec):
-            done = iter(orthogonalize_all([m for *_, parts in pending for m in parts],
-                                          self.ns_steps))
-        for p, group, dim, tp, parts in pending:
-            # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)): scaled to RMS_TARGET
-            new = [next(done).mul_(RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape)))
-                   for m in parts]
-            out = layout.fuse(layout.QKV, new, self.cfg) if len(new) > 1 else new[0]
-            if tp > 1:
-                out = out.chunk(tp, dim=dim)[dist.get_rank(self.tp_group)]
+            done = iter(orthogonalize_all([m for (*_, parts), o in zip(pending, owners)
+                                           if o == me for m in parts], self.ns_steps))
+        sent = []
+        for (p, group, dim, tp, parts), owner in zip(pending, owners):
+            if owner == me:
+                # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)): scaled to RMS_TARGET
+                new = [next(done).mul_(RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape)))
+                       for m in parts]
+                out = layout.fuse(layout.QKV, new, self.cfg) if len(new) > 1 else new[0]
+                if tp > 1:
+                    out = out.chunk(tp, dim=dim)[dist.get_rank(self.tp_group)]
+                out = out.contiguous()
+            else:
+                out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            handle = None
+            if len(self._load) > 1:
+                handle = dist.broadcast(out, src=dist.get_global_rank(self.dp_group, owner),
+                                        group=self.dp_group, async_op=True)
+            sent.append((p, group, out, handle))
+        for p, group, out, handle in sent:
+            if handle is not None:
+                handle.wait()
             self._decay(p, group)
             p.add_(out.to(p.dtype), alpha=-group["lr"])
+
+    def _owner(self, parts) -> int:
+        """The DP rank that orthogonalizes these matrices: the least loaded, by Newton-Schulz
+        cost (r x c x min(r, c) per matrix); every rank makes the same choice."""
+        rank = min(range(len(self._load)), key=lambda r: (self._load[r], r))
+        self._load[rank] += sum(m.shape[0] * m.shape[1] * min(m.shape) for m in parts)
+        return rank
+
+    def _dp_size(self) -> int:
+        if self.dp_group is None or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.dp_group)
 
     def _tp_split(self, p):
         """(partition dim, TP size) of a tensor-parallel parameter, else (None, 1)."""

@@ -79,7 +79,8 @@ def torch_optimizer(groups, roles, o: OptimizerArgs, cfg: ModelConfig):
                          momentum=o.muon_momentum, nesterov=o.muon_use_nesterov,
                          ns_steps=o.muon_num_ns_steps, extra_scale=o.muon_extra_scale_factor,
                          split_qkv=o.muon_split_qkv, fp32_matmul_prec=o.muon_fp32_matmul_prec,
-                         tp_group=ps.get_tensor_model_parallel_group())
+                         tp_group=ps.get_tensor_model_parallel_group(),
+                         dp_group=ps.get_data_parallel_group())
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                              eps=o.adam_eps, weight_decay=o.weight_decay, foreach=False)
 
