@@ -187,9 +187,10 @@ def _keep_layers(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> 
     L = cfg.num_layers
     if t.layer_method not in LAYER_METHODS:  # a prune config JSON is not checked by argparse
         raise ConfigError(f"layer method must be one of {LAYER_METHODS}, got {t.layer_method!r}")
-    if layers_chosen_by(cfg, t) == "drop-layers":
+    how = layers_chosen_by(cfg, t)
+    if how == "drop-layers":
         return [i for i in range(L) if i not in set(t.drop_layers)]
-    if layers_chosen_by(cfg, t) == "none":
+    if how == "none":
         return list(range(L))
     n = t.num_layers
     if t.layer_method == "contiguous":

@@ -91,11 +91,10 @@ def test_dp_ranks_share_newton_schulz_work():
                       num_attention_heads=8, num_query_groups=4, head_dim=64, vocab_size=32)
     opt = MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], [[None]], cfg=cfg,
                     lr=0.1, weight_decay=0.0)
-    layer = [[torch.empty(512, 512), torch.empty(256, 512), torch.empty(256, 512)],
-             [torch.empty(512, 512)], [torch.empty(2048, 512)], [torch.empty(512, 1024)]]
+    layer = [[(512, 512), (256, 512), (256, 512)], [(512, 512)], [(2048, 512)], [(512, 1024)]]
     for dp in (2, 4):
         opt._load = [0] * dp
-        owners = [opt._owner(parts) for _ in range(cfg.num_layers) for parts in layer]
+        owners = [opt._owner(shapes) for _ in range(cfg.num_layers) for shapes in layer]
         assert set(owners) == set(range(dp))
         assert max(opt._load) - min(opt._load) <= 2048 * 512 * 512, opt._load
 

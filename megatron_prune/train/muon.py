@@ -156,15 +156,26 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_steps(self, items) -> None:
         """Gather each sharded update (TP), split fused QKV, orthogonalize the matrices in
         batches of one shape, then put each parameter's update together and apply it. Whole
-        matrices are held for at most PENDING_ELEMENTS at a time, not for the whole model."""
+        matrices are held for at most PENDING_ELEMENTS at a time, not for the whole model.
+        Over DP, every rank holds the same all-reduced updates, so each matrix is gathered and
+        orthogonalized only by the rank that owns it (`_owner`), which broadcasts the result:
+        1/DP of the Newton-Schulz work each, the same result."""
+        me = dist.get_rank(self.dp_group) if len(self._load) > 1 else 0
         pending, size = [], 0
         for p, group, qkv, update in items:
             dim, tp = self._tp_split(p)
-            full = _gather(update, dim, self.tp_group) if tp > 1 else update
-            parts = (layout.unfuse(layout.QKV, full, self.cfg) if qkv and self.split_qkv
-                     else [full])
-            pending.append((p, group, dim, tp, parts))
-            size += full.numel()
+            shape = list(p.shape)
+            if tp > 1:
+                shape[dim] *= tp
+            split = qkv and self.split_qkv
+            owner = self._owner([layout.hf_shape(layout.QKV, j, self.cfg) for j in range(3)]
+                                if split else [shape])
+            parts = None  # another DP rank's matrix: its update comes by broadcast
+            if owner == me:
+                full = _gather(update, dim, self.tp_group) if tp > 1 else update
+                parts = layout.unfuse(layout.QKV, full, self.cfg) if split else [full]
+            pending.append((p, group, dim, tp, owner, parts))
+            size += math.prod(shape)
             if size >= PENDING_ELEMENTS:
                 self._apply(pending)
                 pending, size = [], 0
@@ -172,17 +183,13 @@ class MuonAdamW(torch.optim.Optimizer):
             self._apply(pending)
 
     def _apply(self, pending) -> None:
-        """Orthogonalize and apply. Over DP every rank holds the same all-reduced updates, so
-        each matrix is orthogonalized by one rank only (the least loaded so far this step)
-        and broadcast to the others: 1/DP of the Newton-Schulz work each, the same result."""
-        owners = [self._owner(parts) for *_, parts in pending]
-        me = dist.get_rank(self.dp_group) if len(self._load) > 1 else 0
+        """Orthogonalize this rank's matrices, broadcast over DP, and apply every update."""
         with matmul_precision(self.fp32_matmul_prec):
-            done = iter(orthogonalize_all([m for (*_, parts), o in zip(pending, owners)
-                                           if o == me for m in parts], self.ns_steps))
+            done = iter(orthogonalize_all([m for *_, parts in pending if parts for m in parts],
+                                          self.ns_steps))
         sent = []
-        for (p, group, dim, tp, parts), owner in zip(pending, owners):
-            if owner == me:
+        for p, group, dim, tp, owner, parts in pending:
+            if parts:
                 # a semi-orthogonal r x c matrix has RMS 1/sqrt(max(r, c)): scaled to RMS_TARGET
                 new = [next(done).mul_(RMS_TARGET * self.extra_scale * math.sqrt(max(m.shape)))
                        for m in parts]
@@ -203,11 +210,11 @@ class MuonAdamW(torch.optim.Optimizer):
             self._decay(p, group)
             p.add_(out.to(p.dtype), alpha=-group["lr"])
 
-    def _owner(self, parts) -> int:
-        """The DP rank that orthogonalizes these matrices: the least loaded, by Newton-Schulz
-        cost (r x c x min(r, c) per matrix); every rank makes the same choice."""
+    def _owner(self, shapes) -> int:
+        """The DP rank that orthogonalizes the matrices of these shapes: the least loaded, by
+        Newton-Schulz cost (r x c x min(r, c) each); every rank makes the same choice."""
         rank = min(range(len(self._load)), key=lambda r: (self._load[r], r))
-        self._load[rank] += sum(m.shape[0] * m.shape[1] * min(m.shape) for m in parts)
+        self._load[rank] += sum(r * c * min(r, c) for r, c in shapes)
         return rank
 
     def _dp_size(self) -> int:
