@@ -183,7 +183,11 @@ class ModelConfig:
             vocab_size=self.vocab_size,
             padded_vocab_size=self.padded_vocab_size(tp, divisible_by),
             make_vocab_size_divisible_by=divisible_by,
-            normalization="RMSNorm", norm_epsilon=self.norm_epsilon, apply_layernorm_1p=False,
+            # Megatron-LM >= 0.14 stores --norm-epsilon as layernorm_epsilon (a TransformerConfig
+            # field); older releases as norm_epsilon. Both are written, for either reader.
+            normalization="RMSNorm", layernorm_epsilon=self.norm_epsilon,
+            norm_epsilon=self.norm_epsilon, apply_layernorm_1p=False,
+            layernorm_zero_centered_gamma=False,
             swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=False,
             position_embedding_type="rope", use_rotary_position_embeddings=True,
             add_position_embedding=False, rotary_base=self.rotary_base, rotary_percent=1.0,
@@ -191,7 +195,7 @@ class ModelConfig:
             use_rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
             untie_embeddings_and_output_weights=not self.tie_embeddings,
             qk_layernorm=False, apply_residual_connection_post_layernorm=False,
-            num_experts=None,
+            num_experts=None, multi_latent_attention=False,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=None,
             decoder_first_pipeline_num_layers=first_stage_layers,
@@ -202,6 +206,9 @@ class ModelConfig:
             hf_config_extra=json.dumps(self.hf_extra), hf_rope_scaling=json.dumps(self.rope_scaling),
         )
         vars(a).update(model)
+        for name, value in _MEGATRON_RUN_FIELDS.items():
+            if getattr(a, name, None) is None:
+                setattr(a, name, value)
         if a.seq_length is None:
             a.seq_length = min(self.max_position_embeddings, 4096)
         vars(a).update(extra)
@@ -213,15 +220,7 @@ class ModelConfig:
             if getattr(a, name, None) is None:
                 raise ConfigError(f"checkpoint args lack the field {name!r}")
             return getattr(a, name)
-        if getattr(a, "normalization", "RMSNorm") != "RMSNorm":
-            raise ConfigError(f"unsupported checkpoint field normalization={a.normalization!r}")
-        if not getattr(a, "swiglu", True):
-            raise ConfigError("unsupported checkpoint field swiglu=False (Llama uses SwiGLU)")
-        if getattr(a, "add_bias_linear", False) or getattr(a, "add_qkv_bias", False):
-            raise ConfigError("unsupported checkpoint field add_bias_linear/add_qkv_bias=True")
-        if getattr(a, "position_embedding_type", "rope") != "rope":
-            raise ConfigError(
-                f"unsupported checkpoint field position_embedding_type={a.position_embedding_type!r}")
+        _check_megatron_features(a)
         heads = need("num_attention_heads")
         groups = a.num_query_groups if getattr(a, "group_query_attention", False) else heads
         groups = groups or heads
@@ -238,12 +237,62 @@ class ModelConfig:
             head_dim=getattr(a, "kv_channels", None) or a.hidden_size // heads,
             vocab_size=vocab,
             max_position_embeddings=getattr(a, "max_position_embeddings", None) or 4096,
-            norm_epsilon=getattr(a, "norm_epsilon", 1e-5),
+            norm_epsilon=_megatron_epsilon(a),
             rotary_base=getattr(a, "rotary_base", 10000),
             rope_scaling=rope_scaling,
             tie_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False),
             hf_extra=json.loads(getattr(a, "hf_config_extra", "{}") or "{}"),
         )
+
+
+# Run fields that Megatron-LM's own converter reads from a checkpoint's args without a default
+# (tools/checkpoint/saver_base.py:109-110); kept from `base` when it has them.
+_MEGATRON_RUN_FIELDS = {"sequence_parallel": False, "apply_query_key_layer_scaling": False}
+
+# Megatron args of features this project does not implement: (field, the values that are fine,
+# what the field means). A checkpoint with any other value is refused with the field named.
+_UNSUPPORTED_MEGATRON = (
+    ("normalization", ("RMSNorm",), "RMSNorm only"),
+    ("swiglu", (True,), "SwiGLU MLPs only"),
+    ("squared_relu", (False,), "SwiGLU MLPs only"),
+    ("add_bias_linear", (False,), "no biases"),
+    ("add_qkv_bias", (False,), "no biases"),
+    ("position_embedding_type", ("rope",), "RoPE only"),
+    ("rotary_interleaved", (False,), "rotate-half RoPE only"),
+    ("rotary_percent", (1.0,), "RoPE on the whole head"),
+    ("num_experts", (None, 0), "dense MLPs only, no MoE"),
+    ("qk_layernorm", (False,), "no QK norm"),
+    ("apply_layernorm_1p", (False,), "plain RMSNorm weights"),
+    ("layernorm_zero_centered_gamma", (False,), "plain RMSNorm weights"),
+    ("multi_latent_attention", (False,), "standard attention, no MLA"),
+    ("heterogeneous_layers_config_path", (None,), "identical layers"),
+    ("heterogeneous_layers_config_encoded_json", (None,), "identical layers"),
+)
+# Defaults of Megatron-LM's parser for the fields above that a checkpoint may omit.
+_MEGATRON_DEFAULTS = {"normalization": "LayerNorm", "swiglu": False, "rotary_percent": 1.0,
+                      "position_embedding_type": "learned_absolute"}
+
+
+def _check_megatron_features(a: argparse.Namespace) -> None:
+    for name, ok, meaning in _UNSUPPORTED_MEGATRON:
+        value = getattr(a, name, _MEGATRON_DEFAULTS.get(name, ok[0]))
+        if value not in ok:
+            raise ConfigError(f"unsupported checkpoint field {name}={value!r} "
+                              f"(this project handles Llama-family models: {meaning})")
+
+
+def _megatron_epsilon(a: argparse.Namespace) -> float:
+    """The model's RMSNorm epsilon from a checkpoint's args.
+
+    Megatron-LM >= 0.14 parses --norm-epsilon into `layernorm_epsilon`; older releases, this
+    project and Megatron-LM's HF converter (loader_llama_mistral.py:298) store `norm_epsilon`.
+    The converter sets only `norm_epsilon` (the HF value) and leaves `layernorm_epsilon` at the
+    parser's default 1e-5, so where both are present `norm_epsilon` is the one set on purpose.
+    """
+    for name in ("norm_epsilon", "layernorm_epsilon"):
+        if getattr(a, name, None) is not None:
+            return float(getattr(a, name))
+    return 1e-5
 
 
 def _hf_rope(hf: dict) -> dict:
