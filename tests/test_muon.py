@@ -78,7 +78,10 @@ def test_muon_step_bench_smoke(tmp_path):
     before = muon.PENDING_ELEMENTS
     assert muon_step.main(["--smoke", "--out", str(tmp_path / "m.json"), "--steps", "1"]) == 0
     (row,) = json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert row["muon_max_abs_diff"] < 1e-7 and row["muon_bf16_max_abs_diff"] < 1e-5
+    # bf16 Newton-Schulz rounds each of its 5 iterations to 2^-8: its weights after one step (lr
+    # 1e-3) differ from fp32 by 2.5e-5 on one CPU, under 1e-5 on another (bf16 kernels vary).
+    # A wrong step would differ by the update itself, about the lr.
+    assert row["muon_max_abs_diff"] < 1e-7 and row["muon_bf16_max_abs_diff"] < 1e-4
     assert all(row[f"{k}_ms"] > 0 for k in ("adamw", "muon_1", "muon", "muon_tf32", "muon_bf16"))
     assert muon.PENDING_ELEMENTS == before
 
