@@ -36,6 +36,10 @@ _UNSUPPORTED_HF = {
     "tie_word_embeddings_with_bias": None,
 }
 _SUPPORTED_ACT = ("silu", "swish")
+# Megatron's Llama-3 RoPE scaling takes only the factor (--rope-scaling-factor); these are fixed
+# (megatron/core/models/common/embeddings/rotary_pos_embedding.py, _apply_scaling).
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
 # HF fields derived from the shape: generated from ModelConfig, never copied from `hf_extra`.
 _HF_SHAPE_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -213,6 +217,32 @@ class ModelConfig:
             a.seq_length = min(self.max_position_embeddings, 4096)
         vars(a).update(extra)
         return a
+
+    def megatron_lm_flags(self, dtype: torch.dtype) -> list:
+        """What a Megatron-LM run must pass beside `--use-checkpoint-args`.
+
+        Its load_args_from_checkpoint (megatron/training/checkpointing.py, core_v0.16.1)
+        restores the shape, RoPE base, vocab and parallel sizes from the args, but not the norm
+        epsilon, the Llama-3 RoPE scaling or the dtype: without these flags Megatron-LM builds
+        the model with epsilon 1e-5, unscaled RoPE and fp32 (tests/test_megatron_lm.py).
+        """
+        flags = ["--norm-epsilon", repr(float(self.norm_epsilon))]
+        if self.rope_scaling:
+            flags += ["--use-rope-scaling", "--rope-scaling-factor",
+                      repr(float(self.rope_scaling.get("factor", 8.0)))]
+        flags += {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])
+        return flags
+
+    def megatron_lm_rope_mismatch(self) -> Optional[str]:
+        """Why Megatron-LM's own model would compute this model's RoPE differently, or None."""
+        scaling = self.rope_scaling or {}
+        off = {k: scaling[k] for k, v in MEGATRON_LLAMA3_ROPE.items()
+               if k in scaling and float(scaling[k]) != v}
+        if not off:
+            return None
+        return (f"Megatron-LM's Llama-3 RoPE scaling fixes {MEGATRON_LLAMA3_ROPE}; this model "
+                f"has {off}, so Megatron-LM's own model will not reproduce its logits (this "
+                "project's trainer applies them)")
 
     @classmethod
     def from_megatron_args(cls, a: argparse.Namespace) -> "ModelConfig":

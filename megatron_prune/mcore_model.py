@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import layout
-from .config import ConfigError, ModelConfig
+from .config import MEGATRON_LLAMA3_ROPE, ConfigError, ModelConfig
 from .tensor_io import CheckpointReadError
 
 log = logging.getLogger(__name__)
@@ -393,8 +393,6 @@ def _layer_spec(impl: str):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-_DEFAULT_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
 
 
 def build_gpt_model(cfg: ModelConfig, *, impl: str = layout.LOCAL,
@@ -434,7 +432,7 @@ def build_gpt_model(cfg: ModelConfig, *, impl: str = layout.LOCAL,
             position_embedding_type="rope", rotary_percent=1.0, rotary_base=cfg.rotary_base,
             rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
         )
-    if scaling and any(float(scaling.get(k, v)) != v for k, v in _DEFAULT_LLAMA3.items()):
+    if scaling and any(float(scaling.get(k, v)) != v for k, v in MEGATRON_LLAMA3_ROPE.items()):
         # mcore passes only the factor to its llama3 scaling; apply the model's other parameters.
         rope = model.rotary_pos_emb
         dim = cfg.head_dim
@@ -442,7 +440,7 @@ def build_gpt_model(cfg: ModelConfig, *, impl: str = layout.LOCAL,
                                                        device=rope.inv_freq.device) / dim))
         rope.inv_freq = rope._apply_scaling(
             base, factor=float(scaling.get("factor", 8.0)),
-            **{k: float(scaling.get(k, v)) for k, v in _DEFAULT_LLAMA3.items()})
+            **{k: float(scaling.get(k, v)) for k, v in MEGATRON_LLAMA3_ROPE.items()})
     model.mp_stage_info = {"impl": impl, "tp": tp, "pp": pp, "first": first, "last": last,
                            "divisible_by": divisible_by}
     if torch.cuda.is_available():

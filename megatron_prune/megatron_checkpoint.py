@@ -197,6 +197,17 @@ def open_megatron(root):
     return DistCheckpoint(root)
 
 
+def megatron_lm_hint(root) -> str:
+    """How to start Megatron-LM from the checkpoint at `root`: the flags that its
+    --use-checkpoint-args does not restore (ModelConfig.megatron_lm_flags), and a warning where
+    Megatron-LM's own model cannot reproduce this one."""
+    ck = open_megatron(root)
+    flags = " ".join(["--use-checkpoint-args", *ck.config.megatron_lm_flags(ck.dtype)])
+    hint = f"Megatron-LM: --load {root} {flags} --finetune"
+    warning = ck.config.megatron_lm_rope_mismatch()
+    return hint + (f"\nwarning: {warning}" if warning else "")
+
+
 def check_megatron_input(root) -> None:
     if not Path(root).is_dir():
         raise CheckpointReadError(f"--load {root}: no such directory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .. import convert, layout
+from ..megatron_checkpoint import megatron_lm_hint
 
 
 def _parallel_args(p: argparse.ArgumentParser, defaults_from_source: bool = False) -> None:
@@ -54,7 +55,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=lambda a: _report(convert.hf_to_megatron(
         a.hf_dir, a.save, tp=a.tp, pp=a.pp, impl=a.impl, dtype=a.dtype,
         divisible_by=a.divisible_by, ckpt_format=a.ckpt_format, first=a.first, last=a.last,
-        force=a.force), a.save))
+        force=a.force), a.save, megatron=True))
 
     p = sub.add_parser(
         "megatron-to-hf", help="Megatron checkpoint (any TP/PP, either format) -> Hugging Face",
@@ -86,9 +87,11 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=lambda a: _report(convert.reshard(
         a.load, a.save, tp=a.tp, pp=a.pp, impl=a.impl, dtype=a.dtype,
         divisible_by=a.divisible_by, ckpt_format=a.ckpt_format, first=a.first, last=a.last,
-        force=a.force), a.save))
+        force=a.force), a.save, megatron=True))
 
 
-def _report(result, save) -> int:
+def _report(result, save, megatron: bool = False) -> int:
     print(f"wrote {save}")
+    if megatron:
+        print(megatron_lm_hint(save))
     return 0

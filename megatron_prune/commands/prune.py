@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ..config import ConfigError
+from ..megatron_checkpoint import megatron_lm_hint
 from ..prune_plan import LAYER_METHODS, PRUNE_TYPES, PruneTarget
 from ..pruning import PLAN_FILE, prune_hf, prune_megatron
 
@@ -61,6 +62,7 @@ def _run_prune(a) -> int:
                           scores=a.scores, prune_type=a.prune_type, seed=a.seed, plan_file=a.plan,
                           pp=a.pp, first=a.first, last=a.last, force=a.force)
     _report(plan, a.save)
+    print(megatron_lm_hint(a.save))
     return 0
 
 

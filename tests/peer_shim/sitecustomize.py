@@ -24,6 +24,21 @@ def _version(name):
 
 _metadata.version = _version
 
+
+def _cpu_current_device():
+    # Megatron-LM places tensors on torch.cuda.current_device() where it assumes a GPU, e.g.
+    # the legacy model's RotaryEmbedding (legacy/model/language_model.py:390 passes no
+    # use_cpu_initialization, so rotary_pos_embedding.py:78 asks for the CUDA device).
+    return "cpu"
+
+
+try:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        _torch.cuda.current_device = _cpu_current_device
+except ImportError:
+    pass
+
 # Patches applied to a module right after it is first imported, before any importer of it
 # copies a name out of it ("from megatron.training.utils import get_device_arch_version").
 _PATCHES = {}
@@ -81,6 +96,31 @@ def _patch_loader_core(m):
 
 
 _PATCHES["loader_core"] = _patch_loader_core
+
+
+def _patch_llama_mistral(m):
+    # An upstream bug, on any machine: loader_llama_mistral.py:48 asserts "major >= 4 and
+    # minor >= 31", which refuses transformers 5.0-5.30. It means version >= 4.31.
+    from packaging.version import Version
+    import transformers
+
+    def verify_transformers_version():
+        assert Version(transformers.__version__) >= Version("4.31"), transformers.__version__
+    m.verify_transformers_version = verify_transformers_version
+
+    # Another upstream bug of this loader: it builds Megatron-LM's legacy model, whose norms
+    # read args.apply_layernorm_1p (legacy/model/utils.py:72), an argument core_v0.16.1 no
+    # longer parses (it became layernorm_zero_centered_gamma).
+    load_checkpoint_to_model = m.load_checkpoint_to_model
+
+    def load_with_legacy_norm_arg(args):
+        if not hasattr(args, "apply_layernorm_1p"):
+            args.apply_layernorm_1p = args.layernorm_zero_centered_gamma
+        return load_checkpoint_to_model(args)
+    m.load_checkpoint_to_model = load_with_legacy_norm_arg
+
+
+_PATCHES["loader_llama_mistral"] = _patch_llama_mistral
 
 
 def _one_process_world():
