@@ -184,3 +184,56 @@ def test_ppl_with_the_training_tokenizer(stories260k_hf, tmp_path, capsys):
     assert main(["eval", "--hf-dir", str(stories260k_hf), "--data", str(data),
                  "--tokenizer-type", "Llama2Tokenizer"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def _prune_vocab(hf, count_on, criterion, out):
+    """vocab-freq on `count_on`, prune-vocab by `criterion`, prune-embeddings of `hf`: the
+    pruned model's directory."""
+    assert main(["vocab-freq", "--tokenizer", str(hf), "--data", str(count_on), "--save",
+                 str(out / "freq.json"), "--workers", "1", "--no-progress"]) == 0
+    assert main(["prune-vocab", "--tokenizer", str(hf), "--freq", str(out / "freq.json"),
+                 *criterion, "--save", str(out / "tok")]) == 0
+    assert main(["prune-embeddings", "--map", str(out / "tok"), "--hf-dir", str(hf),
+                 "--save", str(out / "hf")]) == 0
+    return out / "hf"
+
+
+def test_bits_per_byte_across_a_vocabulary_prune(stories260k_hf, tmp_path):
+    """What bits per byte does and does not promise across a vocabulary prune (no retraining).
+
+    Its denominators, the text's bytes and words, are the same for any tokenizer, so it is the
+    number to compare models whose vocabularies differ; token perplexity divides by a token
+    count that the tokenizer changes. But it measures the loss, and a prune without retraining
+    changes the loss:
+    - a prune that keeps every token the text uses (counts of that text, --min-count 1): the
+      text encodes to the same tokens (mapped ids), the kept logits are unchanged and the
+      softmax runs over fewer tokens, so every probability can only grow. Bits per byte falls by
+      the log of the probability mass the model put on the dropped tokens: a trained model puts
+      little there in-domain (0.3% on 200 LAMBADA passages), hence the 1% tolerance. Token
+      perplexity moves with it by the same NLL (the token count is unchanged).
+    - a prune that drops tokens the text uses (--keep 400 counted on other text): the text still
+      encodes (byte fallback, merge closure) into more, shorter tokens the model never learned to
+      predict in that segmentation; bits per byte rises by far more than any tolerance (x1.37
+      on 200 passages). Only recovery training can bring it back."""
+    rows = (DATA / "eval" / "lambada_openai" / "lambada_test.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[:20]) + "\n")
+    (tmp_path / "other.jsonl").write_text("\n".join(rows[200:1200]) + "\n")
+    docs = evaluate.read_documents([tmp_path / "eval.jsonl"])
+
+    def ppl(hf):
+        return evaluate.perplexity(load_hf_model(hf), load_tokenizer(hf), docs, 128, 16)
+    base = ppl(stories260k_hf)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    kept = ppl(_prune_vocab(stories260k_hf, tmp_path / "eval.jsonl", ["--min-count", "1"],
+                            tmp_path / "a"))
+    assert kept.count == base.count and kept.extra["bytes"] == base.extra["bytes"]
+    assert kept.extra["bits_per_byte"] <= base.extra["bits_per_byte"]
+    assert kept.extra["bits_per_byte"] == pytest.approx(base.extra["bits_per_byte"], rel=0.01)
+    base_nll, kept_nll = (r.extra["bits_per_byte"] * r.extra["bytes"] * math.log(2)
+                          for r in (base, kept))
+    assert math.log(base.value / kept.value) * base.count == pytest.approx(
+        base_nll - kept_nll, rel=1e-6)  # one NLL change moves both metrics
+    dropped = ppl(_prune_vocab(stories260k_hf, tmp_path / "other.jsonl", ["--keep", "400"],
+                               tmp_path / "b"))
+    assert dropped.count > base.count and dropped.extra["bytes"] == base.extra["bytes"]
+    assert dropped.extra["bits_per_byte"] > 1.1 * base.extra["bits_per_byte"]
