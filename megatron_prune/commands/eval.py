@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from ..config import ConfigError
 from ..eval_text import TXT_MODES
@@ -54,24 +55,30 @@ def _run(a) -> int:
     return 0
 
 
+def _paragraphs(*texts: str) -> str:
+    """--help text in paragraphs (the raw formatter keeps the examples' line breaks)."""
+    return "\n\n".join(textwrap.fill(t, 79) for t in texts)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "eval", help="perplexity / LAMBADA / MMLU of an HF or Megatron checkpoint",
-        description="Evaluate a model.\n\n"
-                    "ppl: token perplexity, word perplexity and bits per byte. Each document is "
-                    "tokenized on its own after a BOS and every one of its tokens is predicted "
-                    "exactly once, in windows of W tokens whose first input is the previous "
-                    "window's last token (lm-eval's rolling log-likelihood); the total NLL is "
-                    "divided by the predicted tokens (token perplexity), by the documents' "
-                    "whitespace-separated words (word perplexity: exp) and by ln 2 x their UTF-8 "
-                    "bytes (bits per byte). Word perplexity and bits per byte compare models "
-                    "whose tokenizers differ. Windows: by default both the model's max up to "
-                    "2048 and 128. A document is a .jsonl row, or what --txt-mode makes of a "
-                    ".txt; every result line names the window and the mode.\n\n"
-                    "lambada: last-word accuracy from a local jsonl. mmlu: multiple choice from "
-                    "the local dev set (a datasets.save_to_disk folder). lm-eval: "
-                    "lm-evaluation-harness tasks on an HF export (needs `pip install lm-eval` "
-                    "and its datasets).",
+        description=_paragraphs(
+            "Evaluate a model.",
+            "ppl: token perplexity, word perplexity and bits per byte. Each document is "
+            "tokenized on its own after a BOS and every one of its tokens is predicted "
+            "exactly once, in windows of W tokens whose first input is the previous "
+            "window's last token (lm-eval's rolling log-likelihood); the total NLL is "
+            "divided by the predicted tokens (token perplexity), by the documents' "
+            "whitespace-separated words (word perplexity: exp) and by ln 2 x their UTF-8 "
+            "bytes (bits per byte). Word perplexity and bits per byte compare models "
+            "whose tokenizers differ. Windows: by default both the model's max up to "
+            "2048 and 128. A document is a .jsonl row, or what --txt-mode makes of a "
+            ".txt; every result line names the window and the mode.",
+            "lambada: last-word accuracy from a local jsonl. mmlu: multiple choice from "
+            "the local dev set (a datasets.save_to_disk folder). lm-eval: "
+            "lm-evaluation-harness tasks on an HF export (needs `pip install lm-eval` "
+            "and its datasets)."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  megatron-prune eval --load ckpt/tp2pp2 --task ppl "
@@ -95,7 +102,8 @@ def add_parsers(sub) -> None:
     add_tokenizer_args(p, required=False)
     p.add_argument("--window", type=int, nargs="+", help="ppl window(s) in tokens")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, help="ppl: evaluate only the first N tokens")
+    p.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens (words and "
+                   "bytes counted on what was scored)")
     p.add_argument("--limit", type=int, help="lambada/mmlu: first N examples only")
     p.add_argument("--shots", type=int, default=5, help="mmlu shots (at most 4 from the dev set)")
     p.add_argument("--lm-eval-tasks", default="hellaswag,arc_easy,lambada_openai")
