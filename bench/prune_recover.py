@@ -535,38 +535,86 @@ def evaluate_all(r: Runner, p: Protocol, data: dict, models: Dict[str, Path]) ->
 
 
 # ---------------------------------------------------------------------------- report
-def goals(p: Protocol, ev: dict, teacher: dict) -> list:
-    """(goal, measured, met) rows of issue 7."""
+# A run's row of REFERENCE, where the reference has one.
+RUN_REFERENCE = {"teacher": "teacher", "random_pruned": "random pruned",
+                 "activation_pruned": "activation pruned", "random_lm": "random + LM",
+                 "activation_lm": "activation + LM", "activation_kd": "activation + KD",
+                 "scratch": "random init"}
+
+
+def run_tokens(p: Protocol, teacher: dict, name: str, variants: Dict[str, list]) -> Optional[int]:
+    """The tokens a model was trained on (None: pruned, not trained): the teacher's, or a
+    recovery's (a variant's flags may change its iterations or batch)."""
+    if name == "teacher":
+        return teacher["tokens"]
+    if name.endswith("_pruned"):
+        return None
+    flags = variants.get(name, [])
+    return _flag(flags, "--train-iters", p.recover_iters) * _global_batch(flags, p) * p.seq_length
+
+
+def table_cells(p: Protocol, ev: dict, teacher: dict, variants: Dict[str, list]) -> Dict[str, dict]:
+    """The results table as printed, cell by cell, in row order: the one source of its rows and
+    of every number the goals quote (so a verdict cannot quote what the table does not show;
+    bench/verdicts.py states the rule)."""
+    cells = {}
+    for name, e in _ordered(ev):
+        tokens = run_tokens(p, teacher, name, variants)
+        ref = RUN_REFERENCE.get(name)
+        cells[name] = {"model": _label(name), "params": f"{e['params'] / 1e6:.1f} M",
+                       "tokens": f"{tokens / 1e6:.2f} M" if tokens else "",
+                       "books": f"{e['books']:.2f}", "wikitext2": f"{e['wikitext2']:.2f}",
+                       "reference": f"{REFERENCE[ref]:g}" if ref else ""}
+    return cells
+
+
+TABLE_COLUMNS = (("model", "model"), ("params", "parameters"), ("tokens", "training tokens"),
+                 ("books", "held-out books ppl"), ("wikitext2", "WikiText-2 ppl"),
+                 ("reference", "reference (plain PyTorch, issue 7)"))
+
+
+def goals(p: Protocol, ev: dict, teacher: dict, cells: Dict[str, dict]) -> list:
+    """(goal, measured, met) rows of issue 7: `measured` quotes `cells` (the table's own
+    strings) and derives ratios in bench/verdicts.py's forms; `met` compares the unrounded
+    values."""
     rows = []
-    t = ev["teacher"]["books"]
+    t, tc = ev["teacher"]["books"], cells["teacher"]
 
     def have(*names):
         return all(n in ev for n in names)
 
-    rows.append(("teacher trained to at least the reference's quality (held-out ppl <= 49.7) "
-                 f"in {p.teacher_seconds:.0f} s", f"{t:.2f} after {teacher['tokens'] / 1e6:.1f} M "
-                 "tokens", t <= REFERENCE["teacher"]))
+    rows.append(("teacher trained to at least the reference's quality (held-out ppl <= "
+                 f"{tc['reference']}) in {p.teacher_seconds:.0f} s",
+                 f"{tc['books']} vs {tc['reference']}, on {tc['tokens']} tokens",
+                 t <= REFERENCE["teacher"]))
     rec_tokens = p.recover_iters * p.recover_global_batch * p.seq_length
-    rows.append(("recovery tokens <= 1/6 of the teacher's",
-                 f"{rec_tokens / 1e6:.2f} M vs {teacher['tokens'] / 6e6:.2f} M",
-                 rec_tokens <= teacher["tokens"] / 6))
+    recovered = [n for n, c in cells.items() if n != "teacher" and "@" not in n and c["tokens"]]
+    if recovered:
+        rows.append(("recovery tokens <= 1/6 of the teacher's",
+                     f"{cells[recovered[0]]['tokens']} vs {tc['tokens']}: "
+                     f"1/{teacher['tokens'] / rec_tokens:.2f}",
+                     rec_tokens <= teacher["tokens"] / 6))
     if have("activation_kd"):
         kd = ev["activation_kd"]["books"]
-        rows.append(("activation + KD within 3% of the teacher", f"{kd:.2f} vs {t:.2f} "
-                     f"({100 * (kd / t - 1):+.1f}%)", kd <= 1.03 * t))
+        rows.append(("activation + KD within 3% of the teacher",
+                     f"{cells['activation_kd']['books']} vs {tc['books']}: "
+                     f"{100 * (kd / t - 1):+.1f}%", kd <= 1.03 * t))
         if have("scratch"):
             s = ev["scratch"]["books"]
             rows.append(("activation + KD >= 60% below random init at equal tokens",
-                         f"{kd:.2f} vs {s:.2f} ({100 * (1 - kd / s):.0f}% below)", kd <= 0.4 * s))
+                         f"{cells['activation_kd']['books']} vs {cells['scratch']['books']}: "
+                         f"{100 * (1 - kd / s):.0f}% below", kd <= 0.4 * s))
     if have("random_pruned", "activation_pruned"):
         a, b = ev["random_pruned"]["books"], ev["activation_pruned"]["books"]
         rows.append(("right after pruning: random masks >= 1.5x activation",
-                     f"{a:.1f} vs {b:.1f} ({a / b:.2f}x)", a >= 1.5 * b))
+                     f"{cells['random_pruned']['books']} vs {cells['activation_pruned']['books']}: "
+                     f"{a / b:.2f}×", a >= 1.5 * b))
     for kind in ("lm", "kd"):
         if have(f"random_{kind}", f"activation_{kind}"):
             a, b = ev[f"random_{kind}"]["books"], ev[f"activation_{kind}"]["books"]
             rows.append((f"after recovery ({kind.upper()}): random masks worse than activation",
-                         f"{a:.2f} vs {b:.2f}", a > b))
+                         f"{cells[f'random_{kind}']['books']} vs "
+                         f"{cells[f'activation_{kind}']['books']}", a > b))
     return rows
 
 
@@ -639,9 +687,12 @@ def _ordered(ev: dict) -> list:
     return sorted(ev.items(), key=lambda kv: key(kv[0]))
 
 
-def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
-                 logs: Dict[str, Path]) -> None:
+def report_lines(p: Protocol, meta: dict, teacher: dict, ev: dict) -> list:
+    """results.md: the setup, the results table and the goals (both from `table_cells`), the
+    budget sweep and the variants."""
     rec_tokens = p.recover_iters * p.recover_global_batch * p.seq_length
+    variants = meta.get("variants", {})
+    cells = table_cells(p, ev, teacher, variants)
     lines = [f"# prune -> recover benchmark ({meta['date']})", "",
              f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, "
              f"commit {meta['commit']}", "",
@@ -664,18 +715,16 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
              f"{p.kd_alpha:g} x KL + {1 - p.kd_alpha:g} x LM loss, "
              + (f"logits and the hidden states after every layer (weight "
                 f"{p.kd_hidden_weight:g})." if p.kd_hidden_weight else "logits only."),
-             "", "| model | parameters | held-out books ppl | WikiText-2 ppl |",
-             "|---|---|---|---|"]
-    for name, e in _ordered(ev):
-        lines.append(f"| {_label(name)} | {e['params'] / 1e6:.1f} M | {e['books']:.2f} | "
-                     f"{e['wikitext2']:.2f} |")
+             "", "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
+             "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(c[key] for key, _ in TABLE_COLUMNS) + " |" for c in cells.values()]
     lines += ["", "| goal (issue 7) | measured | met |", "|---|---|---|"]
-    for goal, measured, met in goals(p, ev, teacher):
+    for goal, measured, met in goals(p, ev, teacher, cells):
         lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
-    lines += _budget_lines(p, ev, teacher, meta.get("variants", {}))
-    if meta.get("variants"):
+    lines += _budget_lines(p, ev, teacher, variants)
+    if variants:
         lines += ["", "Variants (the base run's flags, then these):"]
-        lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in meta["variants"].items()]
+        lines += [f"- {_label(n)}: `{' '.join(map(str, v))}`" for n, v in variants.items()]
     if meta.get("prune_variants"):
         lines += ["", "Prune variants (the method's `megatron-prune prune` flags, then these):"]
         lines += [f"- {_model_label(n)}: `{' '.join(map(str, v))}`"
@@ -685,16 +734,22 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
                   + ", ".join(_label(n) for n in meta["skipped"]) + "."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}"
                                                  for k, v in meta["stages"].items()), ""]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
+                 logs: Dict[str, Path]) -> None:
+    variants = meta.get("variants", {})
+    (out / "results.md").write_text("\n".join(report_lines(p, meta, teacher, ev)) + "\n")
+    cells = table_cells(p, ev, teacher, variants)
     (out / "results.json").write_text(json.dumps(
         {"protocol": dataclasses.asdict(p), "meta": meta, "teacher": {
             k: v for k, v in teacher.items() if k != "log"}, "eval": ev,
          "budgets": [dict(tokens=n, kd=kd, kd_vs_teacher=g, scratch=s, kd_below_scratch=b)
-                     for n, kd, g, s, b in budget_rows(p, ev, meta.get("variants", {}))],
-         "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher)]},
+                     for n, kd, g, s, b in budget_rows(p, ev, variants)],
+         "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher, cells)]},
         indent=2, default=str))
-    _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in
-                                         meta.get("variants", {}).items()})
+    _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in variants.items()})
 
 
 def _min_lr(p: Protocol) -> str:

@@ -1,28 +1,45 @@
-"""Evaluation: perplexity (standard protocol), LAMBADA last-word accuracy, MMLU few-shot.
+"""Evaluation: perplexity (token and word perplexity, bits per byte), LAMBADA last-word accuracy,
+MMLU few-shot.
 
 Models are Hugging Face LlamaForCausalLM built from any checkpoint of the project (an HF
 directory, or a Megatron checkpoint at any TP/PP merged from its shards), on CUDA when available.
 
-Perplexity protocol (as the Hugging Face perplexity guide and most papers): the documents are
-joined with "\\n\\n", tokenized once, and cut into non-overlapping windows of `window` tokens;
-every token of a window except its first is predicted from the tokens before it in the same
-window; ppl = exp(total NLL / predicted tokens). The window is part of the result: longer windows
-give lower perplexity, so always compare at the same window.
+Perplexity protocol (`perplexity`, lm-evaluation-harness's rolling log-likelihood): each document
+is tokenized on its own, a BOS put before it, and every one of its tokens is predicted exactly
+once. Window k feeds the model tokens [kW, (k+1)W) of BOS + document and scores the next token
+at each position, so a window's first input is the last token of the window before (or BOS),
+and no token goes unscored; the document's last window is shorter. Hence the total NLL covers
+the whole text, and it is divided by what that text holds:
+
+    token perplexity = exp(NLL / predicted tokens)
+    word perplexity  = exp(NLL / whitespace-separated words of the documents)
+    bits per byte    = NLL / (ln 2 * UTF-8 bytes of the documents)
+
+The last two do not depend on the tokenizer's granularity, so they compare models whose
+vocabularies differ (a pruned vocabulary). The window is part of the result: longer windows give
+more context and lower perplexity, so compare at the same window. The documents come from
+`read_documents`, whose `txt_mode` says what a document of a .txt file is; every result's detail
+names the mode and the window.
+
+`token_windows` / `windows_perplexity` are the older protocol that `bench/prune_recover.py`'s
+published tables used (documents joined by "\\n\\n", non-overlapping windows, a window's first
+token not predicted); kept for that benchmark, token perplexity only.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .calibration import iter_documents
 from .config import ConfigError
-
+from .eval_text import TXT_MODES, data_protocol, read_documents  # noqa: F401 (the API)
+from .wikitext import markup_spans
 
 @dataclass
 class EvalResult:
@@ -31,9 +48,13 @@ class EvalResult:
     value: float
     count: int       # tokens predicted, or examples
     detail: str = ""
+    extra: Dict[str, float] = field(default_factory=dict)  # more metrics of the same scoring
 
     def line(self) -> str:
-        return f"{self.task}: {self.metric} = {self.value:.4f} over {self.count} ({self.detail})"
+        more = "".join(f", {k} = {v:.4f}" if isinstance(v, float) else f", {k} = {v}"
+                       for k, v in self.extra.items())
+        return f"{self.task}: {self.metric} = {self.value:.4f} over {self.count}{more} " \
+               f"({self.detail})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +65,8 @@ def _device(model):
 
 
 def read_rows(files, json_key: str = "text") -> list:
-    """Rows to join: lines of a text file (as in WikiText's raw rows), documents of a jsonl."""
+    """Rows of the older protocol (`token_windows`): lines of a text file, documents of a
+    jsonl."""
     rows = []
     for f in files:
         p = Path(f)
@@ -68,10 +90,144 @@ def _encode(tokenizer, text: str):
     return tokenizer.encode(text), tokenizer.bos
 
 
+def _context_token(tokenizer) -> int:
+    """The token every document is predicted after: BOS, else end-of-document."""
+    bos = tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.bos
+    eod = tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eod
+    if bos is None and eod is None:
+        raise ConfigError("the tokenizer has neither a BOS nor an end-of-document token to "
+                          "predict a document's first token from")
+    return bos if bos is not None else eod
+
+
+def _rolling(ctx: int, ids: List[int], window: int):
+    """(inputs, targets) windows that predict each of `ids` once, after `ctx` (module
+    docstring); the last window right-padded with 0 / -1."""
+    stream, inputs, targets = [ctx] + ids, [], []
+    for k in range(0, len(ids), window):
+        tgt = stream[k + 1:k + 1 + window]
+        pad = window - len(tgt)
+        inputs.append(stream[k:k + len(tgt)] + [0] * pad)
+        targets.append(tgt + [-1] * pad)
+    return inputs, targets
+
+
+@dataclass
+class ScoredText:
+    """Rolling windows of a set of documents, with the size of the text their targets cover."""
+    inputs: torch.Tensor    # [n, window] token ids fed to the model (0 after a short window)
+    targets: torch.Tensor   # [n, window] the id predicted at each position, -1: none (padding)
+    documents: int
+    words: int              # whitespace-separated words of the scored text
+    bytes: int              # its UTF-8 bytes
+
+    @property
+    def window(self) -> int:
+        return self.inputs.shape[1]
+
+
+def rolling_windows(tokenizer, documents: List[str], window: int,
+                    max_tokens: Optional[int] = None) -> ScoredText:
+    """Every token of every document once a target (module docstring), in windows of `window`.
+    `max_tokens`: stop after that many targets; the document cut there counts the words and
+    bytes of its decoded scored tokens only."""
+    ctx = _context_token(tokenizer)
+    inputs, targets, words, nbytes, ndocs, left = [], [], 0, 0, 0, max_tokens
+    for doc in documents:
+        ids = _encode(tokenizer, doc)[0]
+        if left is not None and len(ids) > left:
+            ids, doc = ids[:left], tokenizer.decode(ids[:left])
+        if not ids:
+            continue
+        x, y = _rolling(ctx, ids, window)
+        inputs += x
+        targets += y
+        ndocs, words, nbytes = ndocs + 1, words + len(doc.split()), nbytes + len(doc.encode())
+        if left is not None:
+            left -= len(ids)
+            if left == 0:
+                break
+    if not inputs:
+        raise ConfigError("the evaluation text gives no tokens")
+    return ScoredText(torch.tensor(inputs), torch.tensor(targets), ndocs, words, nbytes)
+
+
+def token_nll(model, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 8,
+              desc: str = "perplexity") -> torch.Tensor:
+    """[n, window] NLL (fp64 log-softmax) of each target given the inputs up to its position;
+    0 where the target is -1. Right padding is harmless: the model is causal."""
+    out = torch.zeros(targets.shape, dtype=torch.float64)
+    device = _device(model)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
+            x = inputs[start:start + batch_size].to(device)
+            y = targets[start:start + batch_size].to(device)
+            logp = torch.log_softmax(model(input_ids=x).logits.double(), -1)
+            nll = -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            out[start:start + batch_size] = torch.where(y >= 0, nll, 0.0).cpu()
+    return out
+
+
+def score(model, text: ScoredText, batch_size: int = 8, protocol: str = "") -> EvalResult:
+    """Token perplexity, word perplexity and bits per byte of `text` (module docstring)."""
+    nll = token_nll(model, text.inputs, text.targets, batch_size,
+                    f"perplexity (window {text.window})").sum().item()
+    count = int((text.targets >= 0).sum())
+    extra = {"word_perplexity": math.exp(nll / text.words) if text.words else float("nan"),
+             "bits_per_byte": nll / (math.log(2) * text.bytes),
+             "words": text.words, "bytes": text.bytes}
+    docs = f"{text.documents} document{'s' if text.documents != 1 else ''}"
+    detail = f"window {text.window}, {protocol + ', ' if protocol else ''}{docs} scored " \
+             "separately from BOS, every token predicted once"
+    return EvalResult("ppl", "perplexity", math.exp(nll / count), count, detail, extra)
+
+
+def perplexity(model, tokenizer, documents: List[str], window: int, batch_size: int = 8,
+               max_tokens: Optional[int] = None, protocol: str = "") -> EvalResult:
+    """`score` of `rolling_windows`; `protocol` (e.g. "txt mode document") goes into the
+    detail."""
+    return score(model, rolling_windows(tokenizer, documents, window, max_tokens), batch_size,
+                 protocol)
+
+
+def loss_breakdown(model, tokenizer, text: str, window: int, batch_size: int = 8,
+                   max_tokens: Optional[int] = None) -> Dict[str, dict]:
+    """How a model's loss on tokenized WikiText splits over its markup (`wikitext.MARKUP`):
+    {category: {tokens, nll, token_share, loss_share}}, "other" for the rest and "total".
+    `text` is scored as one document by the rolling protocol; a token belongs to the first
+    category whose characters it overlaps (a transformers fast tokenizer gives the offsets)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
+    inputs, targets = _rolling(_context_token(tokenizer), ids, window)
+    nll = token_nll(model, torch.tensor(inputs), torch.tensor(targets), batch_size,
+                    "loss breakdown").flatten()[:len(ids)]
+    category = _token_categories(text, offsets)
+    total = nll.sum().item()
+    out = {}
+    for name in [*markup_spans(""), "other"]:
+        mask = torch.tensor([c == name for c in category])
+        part = nll[mask].sum().item()
+        out[name] = {"tokens": int(mask.sum()), "nll": part, "token_share": mask.float().mean()
+                     .item(), "loss_share": part / total}
+    out["total"] = {"tokens": len(ids), "nll": total, "token_share": 1.0, "loss_share": 1.0}
+    return out
+
+
+def _token_categories(text: str, offsets: list) -> List[str]:
+    """The `MARKUP` category of each token's (start, end) character span, "other" if none."""
+    owner = [""] * (len(text) + 1)
+    for name, spans in reversed(list(markup_spans(text).items())):  # the first one wins
+        for a, b in spans:
+            owner[a:b] = [name] * (b - a)
+    return [next((owner[i] for i in range(a, max(b, a + 1)) if owner[i]), "other")
+            for a, b in offsets]
+
+
 def token_windows(tokenizer, rows: list, window: int,
                   max_tokens: Optional[int] = None) -> torch.Tensor:
     """[n, window] token ids of the rows joined by blank lines (BOS first), cut into
-    non-overlapping windows: what `perplexity` scores; computed once, scored for many models.
+    non-overlapping windows: what `windows_perplexity` scores (the older protocol); computed
+    once, scored for many models.
     `tokenizer`: a transformers tokenizer or a `megatron_prune.tokenizers.Tokenizer`."""
     ids, bos = _encode(tokenizer, "\n\n".join(rows))
     if bos is not None:
@@ -85,25 +241,15 @@ def token_windows(tokenizer, rows: list, window: int,
 
 
 def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> EvalResult:
-    """Perplexity of the next-token predictions inside each window (fp64 log-softmax)."""
+    """Token perplexity of the next-token predictions inside each window (the older protocol:
+    a window's first token is not predicted)."""
     n, window = windows.shape
-    nll, count = 0.0, 0
-    device = _device(model)
-    with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"perplexity (window {window})",
-                          unit="batch"):
-            x = windows[start:start + batch_size].to(device)
-            logp = torch.log_softmax(model(input_ids=x).logits.double(), -1)
-            nll -= logp[:, :-1].gather(-1, x[:, 1:, None]).sum().item()
-            count += x[:, 1:].numel()
+    targets = torch.cat([windows[:, 1:], torch.full((n, 1), -1)], 1)  # last position: none
+    nll = token_nll(model, windows, targets, batch_size,
+                    f"perplexity (window {window})").sum().item()
+    count = n * (window - 1)
     return EvalResult("ppl", "perplexity", math.exp(nll / count), count,
                       f"window {window}, {n} non-overlapping windows, documents joined by \\n\\n")
-
-
-def perplexity(model, tokenizer, rows: list, window: int, batch_size: int = 8,
-               max_tokens: Optional[int] = None) -> EvalResult:
-    return windows_perplexity(model, token_windows(tokenizer, rows, window, max_tokens),
-                              batch_size)
 
 
 def lambada(model, tokenizer, files, limit: Optional[int] = None) -> EvalResult:

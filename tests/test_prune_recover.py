@@ -139,3 +139,35 @@ def test_budget_sweep():
             pr.parse_budgets(bad, ["activation"])
     with pytest.raises(SystemExit, match="activation"):
         pr.parse_budgets("1/2", ["random"])
+
+
+def _report(pr, ev):
+    p = pr.Protocol(recover_iters=1228)
+    teacher = {"tokens": 921 * 64 * 1024, "iterations": 921, "train_seconds": 169.0}
+    meta = {"date": "2026-12-05", "command": "python bench/prune_recover.py", "device": "CPU",
+            "torch": "2", "commit": "x", "train_books": 10, "valid_books": ["a"],
+            "stages": {"total": 1.0}, "variants": {}}
+    return pr.report_lines(p, meta, teacher, ev)
+
+
+def test_report_verdicts_quote_the_table():
+    """results.md's goals quote the table's own cells (one `table_cells` makes both), and the
+    checker of bench/verdicts.py finds a verdict that does not."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import prune_recover as pr
+    import verdicts
+    books = {"teacher": 34.3012, "random_pruned": 3630.444, "activation_pruned": 311.5391,
+             "random_lm": 38.8049, "random_kd": 34.4249, "activation_lm": 37.4351,
+             "activation_kd": 34.0549, "scratch": 47.9251}
+    ev = {n: {"params": 54e6, "books": b, "wikitext2": 10 * b} for n, b in books.items()}
+    lines = _report(pr, ev)
+    assert verdicts.check_section(lines, "report") == []
+    goal_rows = [ln for ln in lines if ln.startswith("| ") and ln.count("|") == 4][1:]
+    assert len(goal_rows) == 7
+    assert "| 34.05 vs 34.30: -0.7% | yes |" in "\n".join(goal_rows)
+    assert "| 10.06 M vs 60.36 M: 1/6.00 | yes |" in "\n".join(goal_rows)
+    # a verdict that quotes a number the table does not hold, or a ratio its numbers do not give
+    bad = [ln.replace("3630.44 vs 311.54", "3630.4 vs 311.5") for ln in lines]
+    assert any("quotes 3630.4" in e for e in verdicts.check_section(bad))
+    bad = [ln.replace(": 11.65×", ": 12.65×") for ln in lines]
+    assert any("does not follow" in e for e in verdicts.check_section(bad))

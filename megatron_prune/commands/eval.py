@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from ..config import ConfigError
+from ..eval_text import TXT_MODES
 from ..tokenizers import add_tokenizer_args
 
 
@@ -36,11 +38,12 @@ def _run(a) -> int:
         if not a.data:
             raise ConfigError(f"--task {a.task} needs --data")
         if a.task == "ppl":
-            rows = evaluate.read_rows(a.data, a.json_key)
+            docs = evaluate.read_documents(a.data, a.json_key, a.txt_mode)
+            protocol = evaluate.data_protocol(a.data, a.txt_mode)
             longest = min(2048, model.config.max_position_embeddings)
             windows = a.window or sorted({longest, 128}, reverse=True)
-            results = [evaluate.perplexity(model, tok, rows, w, a.batch_size, a.max_tokens)
-                       for w in windows]
+            results = [evaluate.perplexity(model, tok, docs, w, a.batch_size, a.max_tokens,
+                                           protocol) for w in windows]
         elif a.task == "lambada":
             results = [evaluate.lambada(model, tok, a.data, a.limit)]
         else:
@@ -52,15 +55,30 @@ def _run(a) -> int:
     return 0
 
 
+def _paragraphs(*texts: str) -> str:
+    """--help text in paragraphs (the raw formatter keeps the examples' line breaks)."""
+    return "\n\n".join(textwrap.fill(t, 79) for t in texts)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "eval", help="perplexity / LAMBADA / MMLU of an HF or Megatron checkpoint",
-        description="Evaluate a model. ppl: documents joined with \\n\\n, tokenized once, "
-                    "non-overlapping windows (by default both the model's max up to 2048 and "
-                    "128; the window is printed with the result). lambada: last-word accuracy "
-                    "from a local jsonl. mmlu: multiple choice from the local dev set (a "
-                    "datasets.save_to_disk folder). lm-eval: lm-evaluation-harness tasks on an HF "
-                    "export (needs `pip install lm-eval` and its datasets).",
+        description=_paragraphs(
+            "Evaluate a model.",
+            "ppl: token perplexity, word perplexity and bits per byte. Each document is "
+            "tokenized on its own after a BOS and every one of its tokens is predicted "
+            "exactly once, in windows of W tokens whose first input is the previous "
+            "window's last token (lm-eval's rolling log-likelihood); the total NLL is "
+            "divided by the predicted tokens (token perplexity), by the documents' "
+            "whitespace-separated words (word perplexity: exp) and by ln 2 x their UTF-8 "
+            "bytes (bits per byte). Word perplexity and bits per byte compare models "
+            "whose tokenizers differ. Windows: by default both the model's max up to "
+            "2048 and 128. A document is a .jsonl row, or what --txt-mode makes of a "
+            ".txt; every result line names the window and the mode.",
+            "lambada: last-word accuracy from a local jsonl. mmlu: multiple choice from "
+            "the local dev set (a datasets.save_to_disk folder). lm-eval: "
+            "lm-evaluation-harness tasks on an HF export (needs `pip install lm-eval` "
+            "and its datasets)."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  megatron-prune eval --load ckpt/tp2pp2 --task ppl "
@@ -74,14 +92,18 @@ def add_parsers(sub) -> None:
     src.add_argument("--hf-dir", help="Hugging Face model directory")
     src.add_argument("--load", help="Megatron checkpoint (any TP/PP, merged on load)")
     p.add_argument("--task", choices=("ppl", "lambada", "mmlu", "lm-eval"), default="ppl")
-    p.add_argument("--data", nargs="+", help="ppl: .txt (rows = lines) or .jsonl; lambada: "
-                   "jsonl; mmlu: the dev set folder")
+    p.add_argument("--data", nargs="+", help="ppl: .txt (see --txt-mode) or .jsonl (one "
+                   "document per row); lambada: jsonl; mmlu: the dev set folder")
+    p.add_argument("--txt-mode", choices=tuple(TXT_MODES), default="document",
+                   help="ppl: what a .txt file of --data is. " + "; ".join(
+                       f"{k}: {v}" for k, v in TXT_MODES.items()) + " (default: document)")
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     add_tokenizer_args(p, required=False)
     p.add_argument("--window", type=int, nargs="+", help="ppl window(s) in tokens")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, help="ppl: evaluate only the first N tokens")
+    p.add_argument("--max-tokens", type=int, help="ppl: score only the first N tokens (words and "
+                   "bytes counted on what was scored)")
     p.add_argument("--limit", type=int, help="lambada/mmlu: first N examples only")
     p.add_argument("--shots", type=int, default=5, help="mmlu shots (at most 4 from the dev set)")
     p.add_argument("--lm-eval-tasks", default="hellaswag,arc_easy,lambada_openai")
