@@ -1,0 +1,266 @@
+"""Proven against the real Megatron-LM (../shared/peers/megatron-lm, core_v0.16.1), on the CPU.
+
+A. Checkpoints that Megatron-LM's own `pretrain_gpt.py` wrote after 3 training iterations (legacy
+   `torch` format and `torch_dist`, TP=1/2, DP=2 with the distributed optimizer) are read by the
+   project's tools: `megatron-to-hf` gives exactly Megatron-LM's tensors (padded vocab rows
+   dropped), `reshard` round-trips bit for bit, `prune` equals pruning the export, and the
+   trainer starts from them.
+B. Megatron-LM's own model builder and `load_checkpoint` (`--use-checkpoint-args`) load what
+   `megatron-prune hf-to-megatron` / `prune` write, and give the HF model's logits.
+
+The CPU stand-ins Megatron-LM needs are in tests/megatron_lm_train_shim/mlm_cpu.py.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron_lm_train_support as mlm
+from checks import hf_tensors
+from megatron_prune.cli import main
+
+pytest.importorskip("megatron.core")
+if not (mlm.MEGATRON_LM / "pretrain_gpt.py").is_file():
+    pytest.skip(f"Megatron-LM is not at {mlm.MEGATRON_LM}", allow_module_level=True)
+
+SHAPE = dict(heads=8, groups=4, head_dim=8)
+VOCAB = mlm.NULL_VOCAB + 1  # Megatron-LM's NullTokenizer: --vocab-size ids and the EOD id
+
+
+def assert_equal_tensors(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def export(load: Path, save: Path) -> dict:
+    assert main(["megatron-to-hf", "--load", str(load), "--save", str(save)]) == 0
+    return hf_tensors(save)
+
+
+def tensors_of(states: dict) -> dict:
+    return {k: v for k, v in states.items() if torch.is_tensor(v)}
+
+
+# ---------------------------------------------------------------------------- A: fixtures
+@pytest.fixture(scope="module")
+def mlm_tp1(tmp_path_factory) -> Path:
+    """pretrain_gpt.py, 1 process, legacy torch format, with optimizer state."""
+    save = tmp_path_factory.mktemp("mlm_tp1") / "ckpt"
+    mlm.pretrain(save, 1, "--ckpt-format", "torch")
+    return save
+
+
+@pytest.fixture(scope="module")
+def mlm_tp2_dist(tmp_path_factory) -> Path:
+    """pretrain_gpt.py, TP=2 over 2 gloo processes, torch_dist, distributed optimizer."""
+    save = tmp_path_factory.mktemp("mlm_tp2_dist") / "ckpt"
+    mlm.pretrain(save, 2, "--tensor-model-parallel-size", "2", "--ckpt-format", "torch_dist",
+                 "--use-distributed-optimizer")
+    return save
+
+
+# ---------------------------------------------------------------------------- A: tests
+def test_megatron_lm_checkpoint_to_hf_bit_exact(mlm_tp1, tmp_path):
+    states = mlm.legacy_model_states(mlm_tp1)
+    assert list(states) == [(0, 0)]
+    saved = states[(0, 0)]
+    assert saved["checkpoint_version"] == 3.0 and saved["iteration"] == 3
+    assert saved["optimizer"]["state"], "no optimizer state saved"
+    model = saved["model"]
+    assert model["embedding.word_embeddings.weight"].shape[0] == 384  # 301 padded to 128
+    got = export(mlm_tp1, tmp_path / "hf")
+    want = mlm.hf_reference(tensors_of(model), vocab=VOCAB, **SHAPE)
+    assert_equal_tensors(got, want)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    # the EOD token of NullTokenizer (id 300) is a real token; rows 301..383 are padding
+    assert cfg["vocab_size"] == VOCAB
+    assert cfg["rms_norm_eps"] == 1e-6  # --norm-epsilon (args.layernorm_epsilon)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 4, 8)
+    assert cfg["tie_word_embeddings"] is False
+
+
+def test_megatron_lm_checkpoint_reshard_round_trip(mlm_tp1, tmp_path):
+    assert main(["reshard", "--load", str(mlm_tp1), "--save", str(tmp_path / "tp2pp2"),
+                 "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
+    assert len(mlm.legacy_model_states(tmp_path / "tp2pp2")) == 4
+    assert main(["reshard", "--load", str(tmp_path / "tp2pp2"), "--save", str(tmp_path / "tp1"),
+                 "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1"]) == 0
+    orig = tensors_of(mlm.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
+    back = tensors_of(mlm.legacy_model_states(tmp_path / "tp1")[(0, 0)]["model"])
+    # Every real tensor and row comes back bit for bit. The padding rows (301..383) are not
+    # kept: the project writes them as zeros (Megatron-LM's own converter fills them with copies
+    # of the last row); they are never tokens.
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        assert not back[name][VOCAB:].any()
+        back[name], orig[name] = back[name][:VOCAB], orig[name][:VOCAB]
+    assert_equal_tensors(back, orig)
+    # the TP=2 PP=2 copy exports to the same HF model
+    assert_equal_tensors(export(tmp_path / "tp2pp2", tmp_path / "hf2"),
+                         export(mlm_tp1, tmp_path / "hf1"))
+
+
+def test_megatron_lm_checkpoint_prunes(mlm_tp1, tmp_path):
+    from megatron_prune.pruning import PLAN_FILE, prune_hf
+    assert main(["prune", "--load", str(mlm_tp1), "--save", str(tmp_path / "pruned"),
+                 "--hidden-size-remain", "48", "--num-attention-heads-remain", "4",
+                 "--ffn-hidden-size-remain", "64", "--drop-layers", "1",
+                 "--importance", "magnitude"]) == 0
+    got = export(tmp_path / "pruned", tmp_path / "pruned_hf")
+    cfg = json.loads((tmp_path / "pruned_hf" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+            cfg["num_attention_heads"], cfg["vocab_size"]) == (1, 48, 64, 4, VOCAB)
+    # the same plan applied to the HF export of Megatron-LM's checkpoint gives the same model
+    export(mlm_tp1, tmp_path / "hf")
+    prune_hf(tmp_path / "hf", tmp_path / "direct", plan_file=tmp_path / "pruned" / PLAN_FILE)
+    assert_equal_tensors(got, hf_tensors(tmp_path / "direct"))
+
+
+def test_trainer_starts_from_megatron_lm_checkpoint(mlm_tp1, tmp_path):
+    """`megatron-prune train --load` a Megatron-LM checkpoint (it holds no project train state:
+    weights only, a new run). With --lr 0 the weights it saves are Megatron-LM's, bit for bit,
+    so they were loaded; the run really trained (loss logged each iteration)."""
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, VOCAB - 1, (int(n),), generator=g).tolist() + [VOCAB - 1]
+            for n in torch.randint(20, 80, (64,), generator=g)]
+    data = mlm.write_indexed_dataset(tmp_path / "docs", docs)
+    save = tmp_path / "run"
+    proc = subprocess.run(
+        [str(f) for f in [sys.executable, "-m", "megatron_prune.train", "--load", mlm_tp1, "--save", save,
+         "--data-path", data, "--data-cache-path", tmp_path / "cache",
+         "--tokenizer-type", "NullTokenizer", "--seq-length", 32, "--micro-batch-size", 2,
+         "--global-batch-size", 4, "--train-iters", 2, "--lr", 0.0, "--min-lr", 0.0,
+         "--weight-decay", 0.0, "--log-json", tmp_path / "log.jsonl"]],
+        capture_output=True, text=True, timeout=240, cwd=mlm.ROOT,
+        env=dict(mlm.env(), PYTHONPATH=str(mlm.ROOT)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "eval" not in r]
+    assert len(losses) == 2 and all(4.0 < x < 8.0 for x in losses), losses
+    orig = tensors_of(mlm.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
+    after = tensors_of(mlm.legacy_model_states(save)[(0, 0)]["model"])
+    assert_equal_tensors({k: after[k] for k in orig}, orig)
+
+
+def test_megatron_lm_tp2_torch_dist_to_hf_bit_exact(mlm_tp2_dist, tmp_path):
+    meta = json.loads((mlm_tp2_dist / "iter_0000003" / "metadata.json").read_text())
+    assert meta["sharded_backend"] == "torch_dist"
+    full = mlm.dist_model_state(mlm_tp2_dist)
+    assert any(k.startswith("optimizer.") for k in full), "no optimizer state saved"
+    model = {k: v for k, v in full.items()
+             if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output_layer."))}
+    assert model["embedding.word_embeddings.weight"].shape[0] == 512  # 301 padded to 128 x 2
+    want = mlm.hf_reference(model, vocab=VOCAB, **SHAPE)
+    assert_equal_tensors(export(mlm_tp2_dist, tmp_path / "hf"), want)
+    # and to the legacy format at TP=1: the same HF model again
+    assert main(["reshard", "--load", str(mlm_tp2_dist), "--save", str(tmp_path / "tp1"),
+                 "--tensor-model-parallel-size", "1"]) == 0
+    assert_equal_tensors(export(tmp_path / "tp1", tmp_path / "hf1"), want)
+
+
+@pytest.mark.slow
+def test_megatron_lm_dp2_distributed_optimizer_to_hf(tmp_path):
+    save = tmp_path / "ckpt"
+    mlm.pretrain(save, 2, "--ckpt-format", "torch_dist", "--use-distributed-optimizer")
+    full = mlm.dist_model_state(save)
+    model = {k: v for k, v in full.items()
+             if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output_layer."))}
+    assert_equal_tensors(export(save, tmp_path / "hf"),
+                         mlm.hf_reference(model, vocab=VOCAB, **SHAPE))
+
+
+@pytest.mark.slow
+def test_megatron_lm_tp2_legacy_to_hf_bit_exact(tmp_path):
+    save = tmp_path / "ckpt"
+    mlm.pretrain(save, 2, "--tensor-model-parallel-size", "2", "--ckpt-format", "torch")
+    states = mlm.legacy_model_states(save)
+    assert sorted(states) == [(0, 0), (1, 0)]
+    full = mlm.merge_tp([tensors_of(states[(r, 0)]["model"]) for r in (0, 1)], SHAPE)
+    assert_equal_tensors(export(save, tmp_path / "hf"),
+                         mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
+
+
+# ---------------------------------------------------------------------------- B
+TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(hf_dir: Path) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> Path:
+    from hf_models import make_hf_llama
+    return make_hf_llama(tmp_path_factory.mktemp("hf_llama") / "hf")
+
+
+def null_tokenizer_for(vocab: int) -> list:
+    """A tokenizer Megatron-LM pads to the checkpoint's padded vocab (its NullTokenizer has
+    --vocab-size + 1 ids)."""
+    return ["--tokenizer-type", "NullTokenizer", "--vocab-size", vocab - 1]
+
+
+def test_megatron_lm_loads_our_checkpoint_same_logits(hf_llama, tmp_path):
+    ckpt = tmp_path / "meg"
+    assert main(["hf-to-megatron", "--hf-dir", str(hf_llama), "--save", str(ckpt),
+                 "--transformer-impl", "local", "--dtype", "fp32"]) == 0
+    out = mlm.megatron_lm_logits(ckpt, TOKENS, tmp_path, 1, *null_tokenizer_for(300),
+                                 "--norm-epsilon", "1e-5")
+    assert out["padded_vocab_size"] == 384 and out["tp"] == 1
+    logits = out["logits"]
+    assert logits.shape == (2, 16, 384)
+    ref = hf_logits(hf_llama)
+    assert (logits[..., :300] - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_megatron_lm_loads_our_tp2_checkpoint_same_logits(hf_llama, tmp_path):
+    ckpt = tmp_path / "meg"
+    assert main(["hf-to-megatron", "--hf-dir", str(hf_llama), "--save", str(ckpt),
+                 "--transformer-impl", "local", "--dtype", "fp32",
+                 "--tensor-model-parallel-size", "2"]) == 0
+    out = mlm.megatron_lm_logits(ckpt, TOKENS, tmp_path, 2, *null_tokenizer_for(300),
+                                 "--norm-epsilon", "1e-5", "--use-mp-args-from-checkpoint-args")
+    assert out["tp"] == 2 and out["logits"].shape == (2, 16, 512)
+    assert (out["logits"][..., :300] - hf_logits(hf_llama)).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_megatron_lm_loads_our_pruned_checkpoint_same_logits(hf_llama, tmp_path):
+    ckpt = tmp_path / "meg"
+    assert main(["hf-to-megatron", "--hf-dir", str(hf_llama), "--save", str(ckpt),
+                 "--transformer-impl", "local", "--dtype", "fp32"]) == 0
+    assert main(["prune", "--load", str(ckpt), "--save", str(tmp_path / "pruned"),
+                 "--hidden-size-remain", "48", "--num-attention-heads-remain", "4",
+                 "--num-query-groups-remain", "2", "--ffn-hidden-size-remain", "64",
+                 "--drop-layers", "1", "--importance", "magnitude"]) == 0
+    export(tmp_path / "pruned", tmp_path / "pruned_hf")
+    out = mlm.megatron_lm_logits(tmp_path / "pruned", TOKENS, tmp_path, 1,
+                                 *null_tokenizer_for(300), "--norm-epsilon", "1e-5")
+    assert (out["logits"][..., :300] - hf_logits(tmp_path / "pruned_hf")).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_megatron_lm_loads_llama3_rope_tied_same_logits(tmp_path):
+    from hf_models import make_hf_llama
+    hf = make_hf_llama(tmp_path / "hf", tie_word_embeddings=True, rope_theta=500000.0,
+                       rms_norm_eps=1e-6,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})
+    ckpt = tmp_path / "meg"
+    assert main(["hf-to-megatron", "--hf-dir", str(hf), "--save", str(ckpt),
+                 "--transformer-impl", "local", "--dtype", "fp32"]) == 0
+    out = mlm.megatron_lm_logits(ckpt, TOKENS, tmp_path, 1, *null_tokenizer_for(300),
+                                 "--norm-epsilon", "1e-6", "--use-rope-scaling",
+                                 "--rope-scaling-factor", "8.0")
+    assert (out["logits"][..., :300] - hf_logits(hf)).abs().max().item() < 1e-4
