@@ -183,7 +183,10 @@ class ModelConfig:
             vocab_size=self.vocab_size,
             padded_vocab_size=self.padded_vocab_size(tp, divisible_by),
             make_vocab_size_divisible_by=divisible_by,
-            normalization="RMSNorm", norm_epsilon=self.norm_epsilon, apply_layernorm_1p=False,
+            # Megatron-LM's `--norm-epsilon` lands in args.layernorm_epsilon (TransformerConfig's
+            # field); norm_epsilon is what older converters wrote. Both, so either reader agrees.
+            normalization="RMSNorm", norm_epsilon=self.norm_epsilon,
+            layernorm_epsilon=self.norm_epsilon, apply_layernorm_1p=False,
             swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=False,
             position_embedding_type="rope", use_rotary_position_embeddings=True,
             add_position_embedding=False, rotary_base=self.rotary_base, rotary_percent=1.0,
@@ -202,6 +205,10 @@ class ModelConfig:
             hf_config_extra=json.dumps(self.hf_extra), hf_rope_scaling=json.dumps(self.rope_scaling),
         )
         vars(a).update(model)
+        if getattr(a, "tokenizer_type", None) == "NullTokenizer":
+            # Megatron-LM's NullTokenizer holds --vocab-size ids plus the EOD id (see
+            # megatron_lm_vocab_size): keep that meaning for args copied from such a checkpoint.
+            a.vocab_size = self.vocab_size - 1
         if a.seq_length is None:
             a.seq_length = min(self.max_position_embeddings, 4096)
         vars(a).update(extra)
@@ -230,7 +237,7 @@ class ModelConfig:
             rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192}
-        vocab = getattr(a, "vocab_size", None) or need("padded_vocab_size")
+        vocab = megatron_lm_vocab_size(a) or need("padded_vocab_size")
         return cls(
             num_layers=need("num_layers"), hidden_size=need("hidden_size"),
             ffn_hidden_size=need("ffn_hidden_size"), num_attention_heads=heads,
@@ -238,12 +245,37 @@ class ModelConfig:
             head_dim=getattr(a, "kv_channels", None) or a.hidden_size // heads,
             vocab_size=vocab,
             max_position_embeddings=getattr(a, "max_position_embeddings", None) or 4096,
-            norm_epsilon=getattr(a, "norm_epsilon", 1e-5),
+            norm_epsilon=_norm_epsilon(a),
             rotary_base=getattr(a, "rotary_base", 10000),
             rope_scaling=rope_scaling,
             tie_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False),
             hf_extra=json.loads(getattr(a, "hf_config_extra", "{}") or "{}"),
         )
+
+
+def megatron_lm_vocab_size(a: argparse.Namespace) -> Optional[int]:
+    """The real (unpadded) vocabulary of a checkpoint's args, where the args tell it.
+
+    `args.vocab_size` is Megatron-LM's `--vocab-size`, which only NullTokenizer reads: its
+    tokenizer (megatron/training/tokenizer/tokenizer.py:813-835) has ids 0..vocab_size-1 and the
+    EOD id vocab_size, so vocab_size + 1 ids, all of which training sees. Other tokenizers leave
+    args.vocab_size None (Megatron-LM stores only padded_vocab_size) unless it was given anyway;
+    the project's own writers store the real vocab there.
+    """
+    vocab = getattr(a, "vocab_size", None)
+    if vocab is None:
+        return None
+    return int(vocab) + 1 if getattr(a, "tokenizer_type", None) == "NullTokenizer" else int(vocab)
+
+
+def _norm_epsilon(a: argparse.Namespace) -> float:
+    """Megatron-LM (core_v0.16.1) keeps `--norm-epsilon` in args.layernorm_epsilon, the field
+    its models read; checkpoints of older converters and of this project carry norm_epsilon."""
+    for name in ("layernorm_epsilon", "norm_epsilon"):
+        value = getattr(a, name, None)
+        if value is not None:
+            return float(value)
+    return 1e-5
 
 
 def _hf_rope(hf: dict) -> dict:

@@ -164,6 +164,22 @@ def test_megatron_lm_tp2_torch_dist_to_hf_bit_exact(mlm_tp2_dist, tmp_path):
     assert_equal_tensors(export(tmp_path / "tp1", tmp_path / "hf1"), want)
 
 
+def test_megatron_lm_args_round_trip_through_project_writer(mlm_tp1):
+    """Megatron-LM's args (NullTokenizer --vocab-size 300, --norm-epsilon in layernorm_epsilon)
+    read as 301 tokens and eps 1e-6, and stay so when the project rewrites them (reshard,
+    prune and the trainer keep the source's args as `base`)."""
+    from megatron_prune.config import ModelConfig
+    args = mlm.legacy_model_states(mlm_tp1)[(0, 0)]["args"]
+    assert (args.tokenizer_type, args.vocab_size, args.layernorm_epsilon) == (
+        "NullTokenizer", mlm.NULL_VOCAB, 1e-6)
+    cfg = ModelConfig.from_megatron_args(args)
+    assert (cfg.vocab_size, cfg.norm_epsilon) == (VOCAB, 1e-6)
+    again = cfg.to_megatron_args(tp=2, pp=1, dtype=torch.float32, base=args)
+    assert again.vocab_size == mlm.NULL_VOCAB and again.padded_vocab_size == 512
+    assert again.layernorm_epsilon == 1e-6
+    assert ModelConfig.from_megatron_args(again) == cfg
+
+
 @pytest.mark.slow
 def test_megatron_lm_dp2_distributed_optimizer_to_hf(tmp_path):
     save = tmp_path / "ckpt"
