@@ -76,7 +76,9 @@ class _TorchOnCpu(types.ModuleType):
         return torch.empty(*a, **_cpu_kwargs(k))
 
 
-# module -> the CUDA call in it that fails on a CPU (megatron core_v0.16.1 line numbers)
+# module -> the CUDA call in it that fails on a CPU (megatron core_v0.16.1 line numbers). Each
+# was checked to be needed: without it pretrain_gpt.py (TP=1 torch, or TP=2 torch_dist with the
+# distributed optimizer) or mlm_logits.py fails.
 _MODULES = {
     "megatron.training.initialize":
         "initialize.py:62 assert torch.cuda.is_available(); :319 torch.cuda.device_count() "
@@ -87,8 +89,6 @@ _MODULES = {
         "training.py:806,812 torch.tensor(..., device='cuda') (start-up timestamps), ...",
     "megatron.core.timers":
         "timers.py:152,165 torch.cuda.synchronize(); :303 device=torch.cuda.current_device()",
-    "megatron.core.distributed.distributed_data_parallel":
-        "distributed_data_parallel.py:230 torch.cuda.Stream(device=torch.cuda.current_device())",
     "megatron.core.distributed.param_and_grad_buffer":
         "param_and_grad_buffer.py:783-806 grad/param buffers on torch.cuda.current_device()",
     "megatron.core.pipeline_parallel.schedules":
@@ -96,7 +96,8 @@ _MODULES = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         "rotary_pos_embedding.py:162 inv_freq.to(device=torch.cuda.current_device())",
     "megatron.core.transformer.utils":
-        "utils.py:35 get_default_causal_mask: torch.ones(sq, sq, device='cuda')",
+        "utils.py:35 get_default_causal_mask: torch.ones(sq, sq, device='cuda') (a forward "
+        "without attention_mask, as mlm_logits.py runs)",
     "megatron.core.utils":
         "utils.py:631 GlobalMemoryBuffer.get_tensor on torch.cuda.current_device() (attention "
         "scores)",

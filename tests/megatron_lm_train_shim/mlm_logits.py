@@ -28,7 +28,7 @@ def main() -> None:
     mlm_cpu.apply()
     import torch
     from gpt_builders import gpt_builder
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.training import get_args
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
@@ -45,7 +45,12 @@ def main() -> None:
     net.eval()
     with torch.no_grad():
         logits = net(tokens, positions, attention_mask=None)  # [b, s, vocab / TP]
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        # gathered here over gloo (mcore's gather_from_tensor_model_parallel_region allocates
+        # on torch.cuda.current_device(), mappings.py:91)
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
     if torch.distributed.get_rank() == 0:
         torch.save({"logits": logits.float(), "iteration": iteration,
                     "padded_vocab_size": args.padded_vocab_size,
