@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -259,13 +263,41 @@ def megatron_lm_vocab_size(a: argparse.Namespace) -> Optional[int]:
     `args.vocab_size` is Megatron-LM's `--vocab-size`, which only NullTokenizer reads: its
     tokenizer (megatron/training/tokenizer/tokenizer.py:813-835) has ids 0..vocab_size-1 and the
     EOD id vocab_size, so vocab_size + 1 ids, all of which training sees. Other tokenizers leave
-    args.vocab_size None (Megatron-LM stores only padded_vocab_size) unless it was given anyway;
-    the project's own writers store the real vocab there.
+    args.vocab_size None (Megatron-LM stores only padded_vocab_size) unless it was given anyway:
+    then the tokenizer the args name is counted, where it is on this machine. The project's own
+    writers store the real vocab in args.vocab_size.
     """
     vocab = getattr(a, "vocab_size", None)
     if vocab is None:
-        return None
+        return _tokenizer_vocab_size(a)
     return int(vocab) + 1 if getattr(a, "tokenizer_type", None) == "NullTokenizer" else int(vocab)
+
+
+def _tokenizer_vocab_size(a: argparse.Namespace) -> Optional[int]:
+    """The vocab of the tokenizer a Megatron-LM checkpoint's args name, counted as Megatron-LM
+    counts it (megatron/training/tokenizer/tokenizer.py), when that tokenizer is on this machine;
+    else None (and the caller keeps the padded vocab, padding rows included)."""
+    kind, path = getattr(a, "tokenizer_type", None), getattr(a, "tokenizer_model", None)
+    try:
+        if kind in ("Llama2Tokenizer", "GPTSentencePieceTokenizer") and path \
+                and os.path.isfile(path):
+            import sentencepiece  # len(_vocab) = the model's pieces, no extra tokens
+            return int(sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size())
+        if kind == "HuggingFaceTokenizer" and path and os.path.exists(path):
+            from transformers import AutoTokenizer  # _HuggingFaceTokenizer: len(tokenizer)
+            return len(AutoTokenizer.from_pretrained(path))
+        vocab_file = getattr(a, "vocab_file", None)
+        if kind == "GPT2BPETokenizer" and vocab_file and os.path.isfile(vocab_file):
+            with open(vocab_file) as f:  # len(encoder)
+                return len(json.load(f))
+    except Exception as e:  # an unreadable tokenizer: as if it were absent
+        log.warning("cannot read the checkpoint's tokenizer %s (%s): %s", path, kind, e)
+        return None
+    if kind is not None:
+        log.warning("the checkpoint's args give no vocab size and its tokenizer (%s %s) is not "
+                    "here: the padded vocab (%s) is taken as the vocab", kind, path,
+                    getattr(a, "padded_vocab_size", None))
+    return None
 
 
 def _norm_epsilon(a: argparse.Namespace) -> float:

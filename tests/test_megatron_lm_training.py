@@ -202,6 +202,21 @@ def test_megatron_lm_tp2_legacy_to_hf_bit_exact(tmp_path):
                          mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
 
 
+@pytest.mark.slow
+def test_megatron_lm_llama2_tokenizer_padding_dropped(tmp_path):
+    """Llama2Tokenizer (32000 pieces) padded to 32256: Megatron-LM's args hold no vocab_size,
+    only padded_vocab_size; the export drops the 256 padding rows."""
+    tok = mlm.ROOT.parent / "shared" / "data" / "tokenizers" / "llama2" / "tokenizer.model"
+    save = tmp_path / "ckpt"
+    mlm.pretrain(save, 1, "--ckpt-format", "torch", "--make-vocab-size-divisible-by", "384",
+                 tokenizer=["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tok])
+    saved = mlm.legacy_model_states(save)[(0, 0)]
+    assert saved["args"].vocab_size is None and saved["args"].padded_vocab_size == 32256
+    got = export(save, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 32000
+    assert_equal_tensors(got, mlm.hf_reference(tensors_of(saved["model"]), vocab=32000, **SHAPE))
+
+
 # ---------------------------------------------------------------------------- B
 TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 # All positions up to max_position_embeddings: RoPE scaling only shows at long distances.
@@ -251,6 +266,20 @@ def test_megatron_lm_loads_our_tp2_checkpoint_same_logits(hf_llama, tmp_path):
     out = mlm.megatron_lm_logits(ckpt, TOKENS, tmp_path, 2, *null_tokenizer_for(300),
                                  "--norm-epsilon", "1e-5", "--use-mp-args-from-checkpoint-args")
     assert out["tp"] == 2 and out["logits"].shape == (2, 16, 512)
+    assert (out["logits"][..., :300] - hf_logits(hf_llama)).abs().max().item() < ATOL
+
+
+@pytest.mark.slow
+def test_megatron_lm_loads_our_torch_dist_checkpoint_at_tp2_same_logits(hf_llama, tmp_path):
+    """Our torch_dist checkpoint written at TP=1, loaded by Megatron-LM at TP=2 (its
+    dist_checkpointing reshards on load)."""
+    ckpt = tmp_path / "meg"
+    assert main(["hf-to-megatron", "--hf-dir", str(hf_llama), "--save", str(ckpt),
+                 "--transformer-impl", "local", "--dtype", "fp32",
+                 "--ckpt-format", "torch_dist"]) == 0
+    out = mlm.megatron_lm_logits(ckpt, TOKENS, tmp_path, 2, *null_tokenizer_for(300),
+                                 "--norm-epsilon", "1e-5", "--tensor-model-parallel-size", "2")
+    assert out["tp"] == 2
     assert (out["logits"][..., :300] - hf_logits(hf_llama)).abs().max().item() < ATOL
 
 
