@@ -139,6 +139,22 @@ def merge_tp(states: list, cfg: dict) -> dict:
     return out
 
 
+def merge_pp(stages: list) -> dict:
+    """One state dict from the PP stages' (each numbers its layers from 0)."""
+    out, offset = {}, 0
+    for state in stages:
+        layers = {int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")}
+        for name, t in state.items():
+            if name.startswith("decoder.layers."):
+                parts = name.split(".")
+                parts[2] = str(int(parts[2]) + offset)
+                name = ".".join(parts)
+            assert name not in out, name
+            out[name] = t
+        offset += len(layers)
+    return out
+
+
 def dist_model_state(root: Path) -> dict:
     """Full model tensors of a torch_dist checkpoint, read by torch.distributed.checkpoint
     (dcp_to_torch_save) — not by megatron-core or the project."""

@@ -203,6 +203,17 @@ def test_megatron_lm_tp2_legacy_to_hf_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_megatron_lm_pp2_legacy_to_hf_bit_exact(tmp_path):
+    save = tmp_path / "ckpt"
+    mlm.pretrain(save, 2, "--pipeline-model-parallel-size", "2", "--ckpt-format", "torch")
+    states = mlm.legacy_model_states(save)
+    assert sorted(states) == [(0, 0), (0, 1)]
+    full = mlm.merge_pp([tensors_of(states[(0, p)]["model"]) for p in (0, 1)])
+    assert_equal_tensors(export(save, tmp_path / "hf"),
+                         mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
+
+
+@pytest.mark.slow
 def test_megatron_lm_llama2_tokenizer_padding_dropped(tmp_path):
     """Llama2Tokenizer (32000 pieces) padded to 32256: Megatron-LM's args hold no vocab_size,
     only padded_vocab_size; the export drops the 256 padding rows."""

@@ -93,6 +93,9 @@ _MODULES = {
         "param_and_grad_buffer.py:783-806 grad/param buffers on torch.cuda.current_device()",
     "megatron.core.pipeline_parallel.schedules":
         "schedules.py:596 total_num_tokens = torch.zeros([], ..., device='cuda')",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "p2p_communication.py:313,321 receive buffers on torch.cuda.current_device(); :242,398 "
+        "torch.cuda.synchronize() (PP > 1)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         "rotary_pos_embedding.py:162 inv_freq.to(device=torch.cuda.current_device())",
     "megatron.core.transformer.utils":
