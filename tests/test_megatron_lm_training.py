@@ -122,23 +122,29 @@ def test_megatron_lm_checkpoint_prunes(mlm_tp1, tmp_path):
     assert_equal_tensors(got, hf_tensors(tmp_path / "direct"))
 
 
-def test_trainer_starts_from_megatron_lm_checkpoint(mlm_tp1, tmp_path):
-    """`megatron-prune train --load` a Megatron-LM checkpoint (it holds no project train state:
-    weights only, a new run). With --lr 0 the weights it saves are Megatron-LM's, bit for bit,
-    so they were loaded; the run really trained (loss logged each iteration)."""
+def train(load: Path, save: Path, tmp_path: Path, *extra) -> subprocess.CompletedProcess:
+    """`megatron-prune train` (python -m megatron_prune.train), 1 process, on a small indexed
+    dataset of NullTokenizer ids with EOD (300) ending each document."""
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, VOCAB - 1, (int(n),), generator=g).tolist() + [VOCAB - 1]
             for n in torch.randint(20, 80, (64,), generator=g)]
     data = mlm.write_indexed_dataset(tmp_path / "docs", docs)
+    flags = ["--load", load, "--save", save, "--data-path", data,
+             "--data-cache-path", tmp_path / "cache", "--tokenizer-type", "NullTokenizer",
+             "--seq-length", 32, "--micro-batch-size", 2, "--global-batch-size", 4,
+             "--log-json", tmp_path / "log.jsonl", *extra]
+    return subprocess.run([sys.executable, "-m", "megatron_prune.train"] + [str(f) for f in flags],
+                          capture_output=True, text=True, timeout=240, cwd=mlm.ROOT,
+                          env=dict(mlm.env(), PYTHONPATH=str(mlm.ROOT)))
+
+
+def test_trainer_starts_from_megatron_lm_checkpoint(mlm_tp1, tmp_path):
+    """`megatron-prune train --load` a Megatron-LM checkpoint (it holds no project train state:
+    weights only, a new run). With --lr 0 the weights it saves are Megatron-LM's, bit for bit,
+    so they were loaded; the run really trained (loss logged each iteration)."""
     save = tmp_path / "run"
-    proc = subprocess.run(
-        [str(f) for f in [sys.executable, "-m", "megatron_prune.train", "--load", mlm_tp1, "--save", save,
-         "--data-path", data, "--data-cache-path", tmp_path / "cache",
-         "--tokenizer-type", "NullTokenizer", "--seq-length", 32, "--micro-batch-size", 2,
-         "--global-batch-size", 4, "--train-iters", 2, "--lr", 0.0, "--min-lr", 0.0,
-         "--weight-decay", 0.0, "--log-json", tmp_path / "log.jsonl"]],
-        capture_output=True, text=True, timeout=240, cwd=mlm.ROOT,
-        env=dict(mlm.env(), PYTHONPATH=str(mlm.ROOT)))
+    proc = train(mlm_tp1, save, tmp_path, "--train-iters", 2, "--lr", 0.0, "--min-lr", 0.0,
+                 "--weight-decay", 0.0)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "eval" not in r]
@@ -178,6 +184,20 @@ def test_megatron_lm_args_round_trip_through_project_writer(mlm_tp1):
     assert again.vocab_size == mlm.NULL_VOCAB and again.padded_vocab_size == 512
     assert again.layernorm_epsilon == 1e-6
     assert ModelConfig.from_megatron_args(again) == cfg
+
+
+def test_trainer_on_megatron_lm_torch_dist_checkpoint(mlm_tp2_dist, tmp_path):
+    """The trainer reads the legacy format only: --load of Megatron-LM's torch_dist checkpoint
+    is refused with the way out (reshard to torch), which then trains."""
+    proc = train(mlm_tp2_dist, tmp_path / "run", tmp_path, "--train-iters", 1)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "reshard --ckpt-format torch" in proc.stderr, proc.stderr[-3000:]
+    assert main(["reshard", "--load", str(mlm_tp2_dist), "--save", str(tmp_path / "legacy"),
+                 "--ckpt-format", "torch"]) == 0
+    proc = train(tmp_path / "legacy", tmp_path / "run", tmp_path, "--train-iters", 1,
+                 "--tensor-model-parallel-size", 1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
 @pytest.mark.slow
