@@ -315,6 +315,20 @@ def test_megatron_lm_loads_our_torch_dist_checkpoint_at_tp2_same_logits(hf_llama
 
 
 @pytest.mark.slow
+def test_megatron_lm_loads_what_our_trainer_made_of_its_checkpoint(mlm_tp1, tmp_path):
+    """The full loop: Megatron-LM's checkpoint -> `megatron-prune train` (3 iterations) ->
+    Megatron-LM's load_checkpoint gives the logits of our HF export of the trained model."""
+    proc = train(mlm_tp1, tmp_path / "run", tmp_path, "--train-iters", 3, "--lr", 1e-3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    hf = tmp_path / "hf"
+    export(tmp_path / "run", hf)
+    out = mlm.megatron_lm_logits(tmp_path / "run", TOKENS, tmp_path, 1,
+                                 *null_tokenizer_for(VOCAB), "--norm-epsilon", "1e-6")
+    assert out["iteration"] == 3 and out["padded_vocab_size"] == 384
+    assert (out["logits"][..., :VOCAB] - hf_logits(hf)).abs().max().item() < ATOL
+
+
+@pytest.mark.slow
 def test_megatron_lm_loads_our_pruned_checkpoint_same_logits(hf_llama, tmp_path):
     ckpt = tmp_path / "meg"
     assert main(["hf-to-megatron", "--hf-dir", str(hf_llama), "--save", str(ckpt),
