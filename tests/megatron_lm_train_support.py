@@ -118,7 +118,7 @@ def legacy_model_states(root: Path) -> dict:
     return out
 
 
-def merge_tp(states: list, cfg: dict) -> dict:
+def merge_tp(states: list) -> dict:
     """Full tensors from the TP rank files of one stage (each rank holds whole query groups;
     each rank's linear_fc1 is [gate_r; up_r])."""
     out = {}

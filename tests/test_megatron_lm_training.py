@@ -1,12 +1,15 @@
 """Proven against the real Megatron-LM (../shared/peers/megatron-lm, core_v0.16.1), on the CPU.
 
-A. Checkpoints that Megatron-LM's own `pretrain_gpt.py` wrote after 3 training iterations (legacy
-   `torch` format and `torch_dist`, TP=1/2, DP=2 with the distributed optimizer) are read by the
-   project's tools: `megatron-to-hf` gives exactly Megatron-LM's tensors (padded vocab rows
-   dropped), `reshard` round-trips bit for bit, `prune` equals pruning the export, and the
+A. Checkpoints that Megatron-LM's own `pretrain_gpt.py` wrote after 3 training iterations on mock
+   data, with optimizer state (legacy `torch` and `torch_dist`; TP=1, TP=2, PP=2, DP=2 with the
+   distributed optimizer; NullTokenizer and Llama2Tokenizer) are read by the project's tools:
+   `megatron-to-hf` gives exactly Megatron-LM's tensors (padded vocab rows dropped, the
+   compared tensors read with torch.load / torch.distributed.checkpoint, not the project's
+   readers), `reshard` round-trips bit for bit, `prune` equals pruning the export, and the
    trainer starts from them.
 B. Megatron-LM's own model builder and `load_checkpoint` (`--use-checkpoint-args`) load what
-   `megatron-prune hf-to-megatron` / `prune` write, and give the HF model's logits.
+   `megatron-prune hf-to-megatron` / `prune` / `train` write (TP=1, TP=2, torch_dist resharded on
+   load, Llama-3 RoPE, tied), and give the HF model's logits.
 
 The CPU stand-ins Megatron-LM needs are in tests/megatron_lm_train_shim/mlm_cpu.py.
 """
@@ -217,7 +220,7 @@ def test_megatron_lm_tp2_legacy_to_hf_bit_exact(tmp_path):
     mlm.pretrain(save, 2, "--tensor-model-parallel-size", "2", "--ckpt-format", "torch")
     states = mlm.legacy_model_states(save)
     assert sorted(states) == [(0, 0), (1, 0)]
-    full = mlm.merge_tp([tensors_of(states[(r, 0)]["model"]) for r in (0, 1)], SHAPE)
+    full = mlm.merge_tp([tensors_of(states[(r, 0)]["model"]) for r in (0, 1)])
     assert_equal_tensors(export(save, tmp_path / "hf"),
                          mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
 
