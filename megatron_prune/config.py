@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -213,6 +217,10 @@ class ModelConfig:
         for name, value in _MEGATRON_RUN_FIELDS.items():
             if getattr(a, name, None) is None:
                 setattr(a, name, value)
+        if getattr(a, "tokenizer_type", None) == "NullTokenizer":
+            # Megatron-LM's NullTokenizer holds --vocab-size ids plus the EOD id (see
+            # megatron_lm_vocab_size): keep that meaning for args copied from such a checkpoint.
+            a.vocab_size = self.vocab_size - 1
         if a.seq_length is None:
             a.seq_length = min(self.max_position_embeddings, 4096)
         vars(a).update(extra)
@@ -259,7 +267,7 @@ class ModelConfig:
             rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192}
-        vocab = getattr(a, "vocab_size", None) or need("padded_vocab_size")
+        vocab = megatron_lm_vocab_size(a) or need("padded_vocab_size")
         return cls(
             num_layers=need("num_layers"), hidden_size=need("hidden_size"),
             ffn_hidden_size=need("ffn_hidden_size"), num_attention_heads=heads,
@@ -267,7 +275,7 @@ class ModelConfig:
             head_dim=getattr(a, "kv_channels", None) or a.hidden_size // heads,
             vocab_size=vocab,
             max_position_embeddings=getattr(a, "max_position_embeddings", None) or 4096,
-            norm_epsilon=_megatron_epsilon(a),
+            norm_epsilon=_norm_epsilon(a),
             rotary_base=getattr(a, "rotary_base", 10000),
             rope_scaling=rope_scaling,
             tie_embeddings=not getattr(a, "untie_embeddings_and_output_weights", False),
@@ -311,17 +319,58 @@ def _check_megatron_features(a: argparse.Namespace) -> None:
                               f"(this project handles Llama-family models: {meaning})")
 
 
-def _megatron_epsilon(a: argparse.Namespace) -> float:
-    """The model's RMSNorm epsilon from a checkpoint's args.
+def megatron_lm_vocab_size(a: argparse.Namespace) -> Optional[int]:
+    """The real (unpadded) vocabulary of a checkpoint's args, where the args tell it.
 
-    Megatron-LM >= 0.14 parses --norm-epsilon into `layernorm_epsilon`; older releases, this
-    project and Megatron-LM's HF converter (loader_llama_mistral.py:298) store `norm_epsilon`.
-    The converter sets only `norm_epsilon` (the HF value) and leaves `layernorm_epsilon` at the
-    parser's default 1e-5, so where both are present `norm_epsilon` is the one set on purpose.
+    `args.vocab_size` is Megatron-LM's `--vocab-size`, which only NullTokenizer reads: its
+    tokenizer (megatron/training/tokenizer/tokenizer.py:813-835) has ids 0..vocab_size-1 and the
+    EOD id vocab_size, so vocab_size + 1 ids, all of which training sees. Other tokenizers leave
+    args.vocab_size None (Megatron-LM stores only padded_vocab_size) unless it was given anyway:
+    then the tokenizer the args name is counted, where it is on this machine. The project's own
+    writers store the real vocab in args.vocab_size.
     """
-    for name in ("norm_epsilon", "layernorm_epsilon"):
-        if getattr(a, name, None) is not None:
-            return float(getattr(a, name))
+    vocab = getattr(a, "vocab_size", None)
+    if vocab is None:
+        return _tokenizer_vocab_size(a)
+    return int(vocab) + 1 if getattr(a, "tokenizer_type", None) == "NullTokenizer" else int(vocab)
+
+
+def _tokenizer_vocab_size(a: argparse.Namespace) -> Optional[int]:
+    """The vocab of the tokenizer a Megatron-LM checkpoint's args name, counted as Megatron-LM
+    counts it (megatron/training/tokenizer/tokenizer.py), when that tokenizer is on this machine;
+    else None (and the caller keeps the padded vocab, padding rows included)."""
+    kind, path = getattr(a, "tokenizer_type", None), getattr(a, "tokenizer_model", None)
+    try:
+        if kind in ("Llama2Tokenizer", "GPTSentencePieceTokenizer") and path \
+                and os.path.isfile(path):
+            import sentencepiece  # len(_vocab) = the model's pieces, no extra tokens
+            return int(sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size())
+        if kind == "HuggingFaceTokenizer" and path and os.path.exists(path):
+            from transformers import AutoTokenizer  # _HuggingFaceTokenizer: len(tokenizer)
+            return len(AutoTokenizer.from_pretrained(path))
+        vocab_file = getattr(a, "vocab_file", None)
+        if kind == "GPT2BPETokenizer" and vocab_file and os.path.isfile(vocab_file):
+            with open(vocab_file) as f:  # len(encoder)
+                return len(json.load(f))
+    except Exception as e:  # an unreadable tokenizer: as if it were absent
+        log.warning("cannot read the checkpoint's tokenizer %s (%s): %s", path, kind, e)
+        return None
+    if kind is not None:
+        log.warning("the checkpoint's args give no vocab size and its tokenizer (%s %s) is not "
+                    "here: the padded vocab (%s) is taken as the vocab", kind, path,
+                    getattr(a, "padded_vocab_size", None))
+    return None
+
+
+def _norm_epsilon(a: argparse.Namespace) -> float:
+    """Megatron-LM (core_v0.16.1) keeps `--norm-epsilon` in args.layernorm_epsilon, the field
+    its models read; checkpoints of older releases carry norm_epsilon (this project writes both).
+    Megatron-LM's HF converter sets only norm_epsilon, which its own saver then drops
+    (tests/test_megatron_lm.py::test_their_converter_drops_the_epsilon)."""
+    for name in ("layernorm_epsilon", "norm_epsilon"):
+        value = getattr(a, name, None)
+        if value is not None:
+            return float(value)
     return 1e-5
 
 

@@ -145,8 +145,12 @@ def has_checkpoint(path) -> bool:
 
 
 def is_training_checkpoint(path) -> bool:
-    """Was it written by this trainer (holds the training state to resume from)?"""
-    from ..megatron_checkpoint import LegacyCheckpoint
+    """Was it written by this trainer (holds the training state to resume from)? The trainer
+    writes the legacy format only: a torch_dist checkpoint (Megatron-LM's default) is not, and
+    the weights loader then says how to convert it."""
+    from ..megatron_checkpoint import LegacyCheckpoint, checkpoint_format
+    if checkpoint_format(path) != "torch":
+        return False
     ckpt = LegacyCheckpoint(path)
     return ckpt.iteration != "release" and "train_state" in torch_load(ckpt.files[(0, 0)])
 
