@@ -54,3 +54,14 @@ def cli_fails(argv, out: Path, capsys, match: str):
     assert match in err, err
     after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
     assert before == after, "something was left behind"
+
+
+def write_indexed_dataset(prefix: Path, docs) -> Path:
+    """A megatron-core indexed dataset (PREFIX.bin/.idx) of the given token-id documents."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for ids in docs:
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix

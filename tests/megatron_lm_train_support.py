@@ -5,7 +5,9 @@ project's readers.
 Megatron-LM runs in a subprocess with its tree first on PYTHONPATH (ahead of the pip
 megatron-core of the same release) through tests/megatron_lm_train_shim/mlm_cpu.py, which applies
 the CPU stand-ins listed there and then runs `pretrain_gpt.py` (runpy), or mlm_logits.py (its
-model builder + checkpoint loader + one forward).
+model builder + checkpoint loader + one forward). Training needs a driver that patches inside
+the process it runs in; Megatron-LM's checkpoint converter builds its own argv and forks its
+own processes, so tests/megatron_lm.py reaches it through a sitecustomize instead.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MEGATRON_LM = ROOT.parent / "shared" / "peers" / "megatron-lm"
+from megatron_lm import PEER as MEGATRON_LM, ROOT
+
 SHIM = Path(__file__).resolve().parent / "megatron_lm_train_shim"
 
 # The tiny Llama-shaped GPT: RMSNorm, SwiGLU, no biases, RoPE, GQA 8 heads / 4 groups, untied.
@@ -205,13 +207,3 @@ def hf_reference(full: dict, *, heads: int, groups: int, head_dim: int, vocab: i
         out[h + "post_attention_layernorm.weight"] = full.get(
             m + "pre_mlp_layernorm.weight", full.get(m + "mlp.linear_fc1.layer_norm_weight"))
     return out
-
-
-def write_indexed_dataset(prefix: Path, docs) -> Path:
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    for ids in docs:
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-    builder.finalize(str(prefix) + ".idx")
-    return prefix

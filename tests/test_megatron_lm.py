@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checks import hf_tensors
 from hf_models import make_hf_llama
 from megatron_prune.config import ModelConfig
 from megatron_lm import (PEER, SCRIPTS, assert_same_weights, convert, rank_files, requires_peer,
@@ -143,14 +144,6 @@ def test_their_argument_loader_restores_our_model(hf_models, stories260k_hf, tmp
 
 
 # ---------------------------------------------------------------- we read theirs
-def hf_tensors(path) -> dict:
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.fixture(scope="module")
 def their_conversion(stories260k_hf, tmp_path_factory):
     """An HF Llama (GQA, untied, epsilon 1e-6) converted by Megatron-LM's own converter

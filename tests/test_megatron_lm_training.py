@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import megatron_lm_train_support as mlm
-from checks import hf_tensors
+from checks import hf_tensors, write_indexed_dataset
 from megatron_prune.cli import main
 
 pytest.importorskip("megatron.core")
@@ -131,7 +131,7 @@ def train(load: Path, save: Path, tmp_path: Path, *extra) -> subprocess.Complete
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, VOCAB - 1, (int(n),), generator=g).tolist() + [VOCAB - 1]
             for n in torch.randint(20, 80, (64,), generator=g)]
-    data = mlm.write_indexed_dataset(tmp_path / "docs", docs)
+    data = write_indexed_dataset(tmp_path / "docs", docs)
     flags = ["--load", load, "--save", save, "--data-path", data,
              "--data-cache-path", tmp_path / "cache", "--tokenizer-type", "NullTokenizer",
              "--seq-length", 32, "--micro-batch-size", 2, "--global-batch-size", 4,

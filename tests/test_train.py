@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from megatron_prune import convert
+from checks import write_indexed_dataset
 
 pytest.importorskip("megatron.core")
 
@@ -34,16 +35,6 @@ CURVE_RTOL = 1e-5
 
 
 # ---------------------------------------------------------------------------- fixtures
-def write_indexed_dataset(prefix: Path, docs) -> Path:
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    for ids in docs:
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-    builder.finalize(str(prefix) + ".idx")
-    return prefix
-
-
 @pytest.fixture(scope="module")
 def shakespeare(stories260k_hf, tmp_path_factory) -> Path:
     """~60k tokens of Shakespeare, one document per speech, stories260K's tokenizer, EOS-ended."""
