@@ -125,7 +125,8 @@ def text_sets(p: pr.Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) ->
     rolling["wikitext_hf"] = rolling_windows(hf_tok, docs["wikitext"], p.seq_length,
                                              p.eval_tokens)
     return {"rolling": rolling,
-            "bench": {k: token_windows(tok, d, p.seq_length, p.eval_tokens) for k, d in rows.items()},
+            "bench": {k: token_windows(tok, d, p.seq_length, p.eval_tokens)
+                      for k, d in rows.items()},
             "wiki_text": wiki.read_text(encoding="utf-8"), "sp": tok}
 
 
@@ -222,7 +223,7 @@ def verdicts(res: dict) -> list:
     ev, rows = res["eval"], []
     check = res["check"]["wikitext_bench"]
     rows.append(("transformers' own loss = the project's (teacher, WikiText-2 windows of "
-                 "prune_recover.py; |relative difference| <= 1e-4)",
+                 "prune_recover.py; relative difference within 1e-4)",
                  f"{check['project_nll']:.6f} vs {check['transformers_nll']:.6f}",
                  abs(check["relative_difference"]) <= 1e-4))
     if "scratch" in ev:
@@ -337,7 +338,8 @@ def main(argv=None) -> int:
         sets = text_sets(p, data, c4["valid"], a.data / "wikitext-2" / "valid.txt", hf_tok)
     mix = dict(data, train=blend(data["train"], c4["train"], a.c4_weight))
     with r.stage("teachers"):
-        teachers = train_teachers(r, p, {"teacher": data, "teacher_mix": mix}, a.checkpoints or (2 if a.smoke else 4))
+        teachers = train_teachers(r, p, {"teacher": data, "teacher_mix": mix},
+                                  a.checkpoints or (2 if a.smoke else 4))
     for name, t in teachers.items():
         t["checkpoints"] = checkpoint_views(work / name, work / "views")
         r.say(f"  {name}: {t['iterations']} iterations, {t['tokens'] / 1e6:.1f} M tokens, "
@@ -347,7 +349,8 @@ def main(argv=None) -> int:
         pruned = pr.prune_all(r, p, data, ["activation"])
     jobs, _ = pr.recovery_jobs(r, p, data, pruned, ["activation"], skip=("activation_lm",))
     models = {n: work / n for n in teachers}
-    models.update({f"{n}@{it}": v for n, t in teachers.items() for it, v in t["checkpoints"].items()})
+    models.update({f"{n}@{it}": view for n, t in teachers.items()
+                   for it, view in t["checkpoints"].items()})
     models["activation_pruned"] = pruned["activation"]
     ev, check, failed = {}, {}, []
 
