@@ -248,10 +248,8 @@ def prepare_data(r: Runner, p: Protocol, data_dir: Path, workers: int) -> dict:
             for name, text in items:
                 f.write(json.dumps({"text": text, "file": name}, ensure_ascii=False) + "\n")
     _write_calibration(d / "calibration.jsonl", train, p)
-    jobs = {f"preprocess_{split}": CLI + [
-        "preprocess", "--input", d / f"{split}.jsonl", "--output-prefix", d / split,
-        "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", spm, "--append-eod",
-        "--workers", workers, "--chunk-size", 1, "--force"] for split in ("train", "valid")}
+    jobs = {f"preprocess_{split}": preprocess_job(d / f"{split}.jsonl", d / split, spm, workers)
+            for split in ("train", "valid")}
     r.run_many(jobs, parallel=2)
     tok = write_hf_sentencepiece_dir(spm, d / "tokenizer", p.seq_length)
     return {"train": d / "train_text_document", "valid": d / "valid_text_document",
@@ -259,6 +257,14 @@ def prepare_data(r: Runner, p: Protocol, data_dir: Path, workers: int) -> dict:
             "valid_books": [n for n, _ in valid], "train_books": len(train),
             "valid_rows": [t for _, t in valid],
             "wikitext": (data_dir / "wikitext-2" / "valid.txt").read_text().splitlines()}
+
+
+def preprocess_job(jsonl: Path, prefix: Path, spm: Path, workers: int) -> list:
+    """`megatron-prune preprocess` of a jsonl into PREFIX_text_document, with the Llama-2
+    SentencePiece model and an end-of-document token after each row."""
+    return CLI + ["preprocess", "--input", jsonl, "--output-prefix", prefix,
+                  "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", spm, "--append-eod",
+                  "--workers", workers, "--chunk-size", 1, "--force"]
 
 
 def _write_calibration(path: Path, train: list, p: Protocol) -> None:
@@ -298,9 +304,15 @@ def probe_teacher(r: Runner, p: Protocol, data: dict) -> None:
     """The teacher's recipe for a few iterations, to time an iteration. It runs alone, after
     tokenization: run beside the tokenizer processes it measured iterations ~20% slower than
     the teacher then ran, and the teacher trained 140-160 s of its 170."""
-    probe = r.work / "teacher_probe.jsonl"
-    r.run("teacher_probe", _teacher_flags(p, data, p.teacher_probe_iters) + [
-        "--log-interval", max(1, p.teacher_probe_iters // 6), "--log-json", probe])
+    r.run(*probe_job(r, p, data))
+
+
+def probe_job(r: Runner, p: Protocol, data: dict, name: str = "teacher") -> tuple:
+    """(job name, argv) of a teacher's probe, logging to WORK/NAME_probe.jsonl (`name`: one of
+    several teachers probed side by side, each timing its share of the GPU)."""
+    probe = r.work / f"{name}_probe.jsonl"
+    return f"{name}_probe", _teacher_flags(p, data, p.teacher_probe_iters) + [
+        "--log-interval", max(1, p.teacher_probe_iters // 6), "--log-json", probe]
 
 
 def _spm(data_dir: Path) -> Path:
@@ -309,22 +321,39 @@ def _spm(data_dir: Path) -> Path:
 
 def train_teacher(r: Runner, p: Protocol, data: dict) -> dict:
     probe_teacher(r, p, data)
-    probe = r.work / "teacher_probe.jsonl"
-    recs = [x for x in _jsonl(probe) if "eval" not in x]
+    iters, per_iter = teacher_iterations(r, p)
+    t0 = time.time()
+    r.run("teacher", teacher_job(r, p, data, iters))
+    return teacher_summary(r, p, iters, per_iter, t0)
+
+
+def teacher_iterations(r: Runner, p: Protocol, name: str = "teacher") -> tuple:
+    """(iterations that fit --teacher-seconds, seconds per iteration), from the probe's log."""
+    recs = [x for x in _jsonl(r.work / f"{name}_probe.jsonl") if "eval" not in x]
     steady = recs[len(recs) // 2:]  # after compilation / allocator warm-up
     per_iter = sum(x["seconds"] for x in steady) / len(steady)
     # evaluations take ~eval_iters forward passes of a global batch every eval_interval steps
     eval_share = p.eval_iters / (3 * p.eval_interval)
     iters = max(2, int(p.teacher_seconds / (per_iter * (1 + eval_share))))
-    r.say(f"  probe: {per_iter * 1000:.0f} ms/iteration -> {iters} iterations in "
-          f"{p.teacher_seconds:.0f} s")
-    log = r.work / "teacher.jsonl"
+    r.say(f"  probe{'' if name == 'teacher' else ' ' + name}: {per_iter * 1000:.0f} "
+          f"ms/iteration -> {iters} iterations in {p.teacher_seconds:.0f} s")
+    return iters, per_iter
+
+
+def teacher_job(r: Runner, p: Protocol, data: dict, iters: int, name: str = "teacher") -> list:
+    """The teacher's training command: saved to WORK/NAME, logged to WORK/NAME.jsonl."""
+    log = r.work / f"{name}.jsonl"
     log.unlink(missing_ok=True)
-    t0 = time.time()
-    r.run("teacher", _teacher_flags(p, data, iters) + [
-        "--log-interval", 10, "--log-json", log, "--save", r.work / "teacher",
+    return _teacher_flags(p, data, iters) + [
+        "--log-interval", 10, "--log-json", log, "--save", r.work / name,
         "--eval-interval", max(1, iters // 8), "--eval-iters", p.eval_iters,
-        "--exit-duration-in-mins", 1.05 * p.teacher_seconds / 60])
+        "--exit-duration-in-mins", 1.05 * p.teacher_seconds / 60]
+
+
+def teacher_summary(r: Runner, p: Protocol, iters: int, per_iter: float, t0: float,
+                    name: str = "teacher") -> dict:
+    """What a teacher's run did (iterations, tokens, seconds), from its log."""
+    log = r.work / f"{name}.jsonl"
     recs = [x for x in _jsonl(log) if "eval" not in x]
     done = recs[-1]["iteration"]
     train_s = sum(x["seconds"] * n for x, n in zip(recs, _window_sizes(recs)))
