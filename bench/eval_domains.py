@@ -43,10 +43,10 @@ import prune_recover as pr  # noqa: E402
 C4 = Path("corpus") / "c4_sample" / "c4_en_train-00000-of-01024_first1000.jsonl"
 SETS = {"books": "held-out books", "wikitext_lines": "WikiText-2 (lines)",
         "wikitext": "WikiText-2 (wikitext)", "c4": "C4 validation",
-        # `megatron-prune eval`'s default: the model's transformers tokenizer, which reads the
-        # text "<unk>" as the unknown-token id 0 (SentencePiece, and so the training data,
-        # spells it '▁<' 'unk' '>'; id 0 never occurs in training)
-        "wikitext_hf": "WikiText-2 (wikitext, HF tokenizer)"}
+        # `megatron-prune eval`'s default before it split special-token strings: the model's
+        # transformers tokenizer read the text "<unk>" as the unknown-token id 0 (SentencePiece,
+        # and so the training data, spells it '▁<' 'unk' '>'; id 0 never occurs in training)
+        "wikitext_hf": "WikiText-2 (wikitext, HF tokenizer, '<unk>' as id 0)"}
 # prune_recover.py's own protocol (documents joined by blank lines, non-overlapping windows)
 BENCH = {"books_bench": "books, prune_recover.py", "wikitext_bench": "WikiText-2, prune_recover.py"}
 METRICS = {"ppl": ("token ppl", "{:.2f}"), "word_ppl": ("word ppl", "{:.2f}"),
@@ -111,6 +111,20 @@ def checkpoint_views(root: Path, views: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluate
+class SpecialStringsAsTokens:
+    """A transformers tokenizer as `eval` used it before evaluate._text_ids: special-token
+    strings in the text ("<unk>") read as those tokens. Kept to measure what that cost."""
+
+    def __init__(self, tok):
+        self.tok, self.bos, self.eod = tok, tok.bos_token_id, tok.eos_token_id
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+
 def text_sets(p: pr.Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) -> dict:
     """The token windows every model is scored on, tokenized once with SentencePiece (as
     `preprocess` tokenized the training data), but "wikitext_hf" (`SETS`)."""
@@ -122,8 +136,8 @@ def text_sets(p: pr.Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) ->
             "wikitext": read_documents([wiki], txt_mode="wikitext")}
     rows = {"books_bench": data["valid_rows"], "wikitext_bench": data["wikitext"]}
     rolling = {k: rolling_windows(tok, d, p.seq_length, p.eval_tokens) for k, d in docs.items()}
-    rolling["wikitext_hf"] = rolling_windows(hf_tok, docs["wikitext"], p.seq_length,
-                                             p.eval_tokens)
+    rolling["wikitext_hf"] = rolling_windows(SpecialStringsAsTokens(hf_tok), docs["wikitext"],
+                                             p.seq_length, p.eval_tokens)
     return {"rolling": rolling,
             "bench": {k: token_windows(tok, d, p.seq_length, p.eval_tokens)
                       for k, d in rows.items()},
@@ -190,7 +204,7 @@ def transformers_check(r: pr.Runner, sets: dict, teacher: Path) -> dict:
 def tokenizer_agreement(hf_tok, sp, text: str, max_tokens: int) -> dict:
     """How many of the breakdown's tokens (transformers' tokenizer, for the offsets) differ
     from SentencePiece's, which the training data and the perplexities use."""
-    a = hf_tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    a = hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][:max_tokens]
     b = sp.encode(text)[:max_tokens]
     return {"tokens": len(a), "sentencepiece_tokens": len(b),
             "differing_positions": sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))}
@@ -333,8 +347,7 @@ def main(argv=None) -> int:
     with r.stage("data"):
         data = pr.prepare_data(r, p, a.data, a.workers)
         c4 = prepare_c4(r, data, a.data / C4, a.c4_valid_docs, a.workers)
-        hf_tok, split_tok = load_tokenizer(data["tokenizer"]), load_tokenizer(data["tokenizer"])
-        split_tok.split_special_tokens = True  # "<unk>" as text: SentencePiece's tokens
+        hf_tok = load_tokenizer(data["tokenizer"])
         sets = text_sets(p, data, c4["valid"], a.data / "wikitext-2" / "valid.txt", hf_tok)
     mix = dict(data, train=blend(data["train"], c4["train"], a.c4_weight))
     with r.stage("teachers"):
@@ -356,7 +369,7 @@ def main(argv=None) -> int:
 
     def early():  # on the GPU beside the recoveries
         try:
-            ev.update(score_models(r, p, sets, split_tok, models))
+            ev.update(score_models(r, p, sets, hf_tok, models))
             check.update(transformers_check(r, sets, work / "teacher"))
         except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
             failed.append(e)
@@ -368,7 +381,7 @@ def main(argv=None) -> int:
         scorer.join()
         if failed:
             raise failed[0]
-        ev.update(score_models(r, p, sets, split_tok, {n: work / "recovered" / n for n in jobs}))
+        ev.update(score_models(r, p, sets, hf_tok, {n: work / "recovered" / n for n in jobs}))
     r.stage_seconds["total"] = time.time() - t_start
     meta = pr._meta(a, data, r.stage_seconds)
     meta["command"] = "python bench/eval_domains.py " + " ".join(sys.argv[1:] if argv is None
@@ -379,7 +392,7 @@ def main(argv=None) -> int:
            "teacher_mix_data": f"--train-data-path {mix['train']}",
            "c4_train_docs": c4["train_docs"], "c4_valid_docs": a.c4_valid_docs,
            "recover_tokens": p.recover_iters * p.recover_global_batch * p.seq_length,
-           "tokenizer_agreement": tokenizer_agreement(split_tok, sets["sp"], sets["wiki_text"],
+           "tokenizer_agreement": tokenizer_agreement(hf_tok, sets["sp"], sets["wiki_text"],
                                                       p.eval_tokens)}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     res = json.loads((out / "results.json").read_text())  # the report shows what was written

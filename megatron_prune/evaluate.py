@@ -81,13 +81,22 @@ def read_rows(files, json_key: str = "text") -> list:
     return rows
 
 
+def _text_ids(tokenizer, text: str) -> List[int]:
+    """The ids of `text` read as text. A transformers tokenizer otherwise reads the strings of
+    its special tokens as those tokens: WikiText's literal "<unk>" (4% of its tokens) became the
+    unknown-token id 0, which SentencePiece, and so `preprocess`, never gives (it spells the
+    text '▁<' 'unk' '>'); split, the ids equal SentencePiece's."""
+    if hasattr(tokenizer, "bos_token_id"):
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return tokenizer.encode(text)
+
+
 def _encode(tokenizer, text: str):
     """(ids, BOS id or None) of a transformers tokenizer, or of one of the project's
     (`megatron_prune.tokenizers.Tokenizer`, Megatron-LM's tokenizer types: exactly the tokens
     `preprocess` gave the training data)."""
-    if hasattr(tokenizer, "bos_token_id"):
-        return tokenizer.encode(text, add_special_tokens=False), tokenizer.bos_token_id
-    return tokenizer.encode(text), tokenizer.bos
+    bos = tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.bos
+    return _text_ids(tokenizer, text), bos
 
 
 def _context_token(tokenizer) -> int:
@@ -196,7 +205,8 @@ def loss_breakdown(model, tokenizer, text: str, window: int, batch_size: int = 8
     {category: {tokens, nll, token_share, loss_share}}, "other" for the rest and "total".
     `text` is scored as one document by the rolling protocol; a token belongs to the first
     category whose characters it overlaps (a transformers fast tokenizer gives the offsets)."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                    split_special_tokens=True)  # text as text (see _text_ids)
     ids, offsets = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
     inputs, targets = _rolling(_context_token(tokenizer), ids, window)
     nll = token_nll(model, torch.tensor(inputs), torch.tensor(targets), batch_size,
@@ -262,10 +272,10 @@ def lambada(model, tokenizer, files, limit: Optional[int] = None) -> EvalResult:
     with torch.no_grad():
         for text in tqdm(docs, desc="lambada", unit="doc"):
             context, word = text.rsplit(" ", 1)
-            ctx = bos + tokenizer.encode(context, add_special_tokens=False)
-            full = bos + tokenizer.encode(context + " " + word, add_special_tokens=False)
+            ctx = bos + _text_ids(tokenizer, context)
+            full = bos + _text_ids(tokenizer, context + " " + word)
             target = full[len(ctx):] if full[:len(ctx)] == ctx else \
-                tokenizer.encode(" " + word, add_special_tokens=False)
+                _text_ids(tokenizer, " " + word)
             ctx = ctx[-(max_len - len(target)):]  # keep the end of a context that is too long
             x = torch.tensor([ctx + target], device=device)
             logits = model(input_ids=x).logits[0, len(ctx) - 1:-1]
@@ -310,7 +320,7 @@ def mmlu(model, tokenizer, path, shots: int = 5, limit: Optional[int] = None) ->
                    f"{q['subject'].replace('_', ' ')}.\n\n"
             while True:  # drop shots until the prompt fits the model's context
                 prompt = head + "".join(_mmlu_prompt(o, True) for o in others) + _mmlu_prompt(q, False)
-                ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+                ids = bos + _text_ids(tokenizer, prompt)
                 if len(ids) <= max_len or not others:
                     break
                 others = others[:-1]

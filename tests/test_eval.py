@@ -237,3 +237,20 @@ def test_bits_per_byte_across_a_vocabulary_prune(stories260k_hf, tmp_path):
                                tmp_path / "b"))
     assert dropped.count > base.count and dropped.extra["bytes"] == base.extra["bytes"]
     assert dropped.extra["bits_per_byte"] > 1.1 * base.extra["bits_per_byte"]
+
+
+def test_special_token_strings_in_text_are_scored_as_text(stories260k_hf):
+    """WikiText holds the text "<unk>" (4% of its tokens). Read by the model's transformers
+    tokenizer it became the unknown-token id 0, which the training data (SentencePiece, as
+    `preprocess` tokenizes) never holds; scored as text, the ids and the perplexity equal those
+    of SentencePiece's tokens."""
+    from megatron_prune.tokenizers import build_tokenizer
+    model = load_hf_model(stories260k_hf, device="cpu", dtype=torch.float32)
+    hf_tok = load_tokenizer(stories260k_hf)
+    sp_tok = build_tokenizer("Llama2Tokenizer", stories260k_hf / "tokenizer.model")
+    docs = ["Tom saw a <unk> in the park . </s> He was <s> happy @-@ glad ."]
+    assert evaluate._encode(hf_tok, docs[0])[0] == sp_tok.encode(docs[0])
+    assert 0 not in evaluate._encode(hf_tok, docs[0])[0]
+    a = evaluate.perplexity(model, hf_tok, docs, window=16)
+    b = evaluate.perplexity(model, sp_tok, docs, window=16)
+    assert (a.value, a.count) == (b.value, b.count)
