@@ -197,14 +197,19 @@ def open_megatron(root):
     return DistCheckpoint(root)
 
 
-def megatron_lm_hint(root) -> str:
-    """How to start Megatron-LM from the checkpoint at `root`: the flags that its
-    --use-checkpoint-args does not restore (ModelConfig.megatron_lm_flags), and a warning where
-    Megatron-LM's own model cannot reproduce this one."""
-    ck = open_megatron(root)
-    flags = " ".join(["--use-checkpoint-args", *ck.config.megatron_lm_flags(ck.dtype)])
+def megatron_lm_hint(root, args: Optional[argparse.Namespace] = None) -> str:
+    """How to start Megatron-LM from the checkpoint at `root` (whose `args` the writer may
+    pass, else they are read): the flags that its --use-checkpoint-args does not restore
+    (ModelConfig.megatron_lm_flags), and a warning where Megatron-LM's own model cannot
+    reproduce this one."""
+    if args is None:
+        ck = open_megatron(root)
+        config, dtype = ck.config, ck.dtype
+    else:
+        config, dtype = ModelConfig.from_megatron_args(args), args.params_dtype
+    flags = " ".join(["--use-checkpoint-args", *config.megatron_lm_flags(dtype)])
     hint = f"Megatron-LM: --load {root} {flags} --finetune"
-    warning = ck.config.megatron_lm_rope_mismatch()
+    warning = config.megatron_lm_rope_mismatch()
     return hint + (f"\nwarning: {warning}" if warning else "")
 
 

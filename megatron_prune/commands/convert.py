@@ -92,6 +92,6 @@ def add_parsers(sub) -> None:
 
 def _report(result, save, megatron: bool = False) -> int:
     print(f"wrote {save}")
-    if megatron:
-        print(megatron_lm_hint(save))
+    if megatron:  # `result`: the written checkpoint's args
+        print(megatron_lm_hint(save, result))
     return 0
