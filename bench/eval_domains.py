@@ -320,6 +320,8 @@ def parse_args(argv=None):
                     help="checkpoints each teacher saves on the way, the last one the final "
                          "(default 4; smoke 2)")
     ap.add_argument("--jobs", type=int, default=2, help="recovery runs at once")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="tokens scored of each set (default: the protocol's, 1 M; smoke 2048)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     return ap.parse_args(argv)
 
@@ -332,6 +334,8 @@ def main(argv=None) -> int:
     p.recover_fraction = a.recover_fraction
     if a.smoke:  # ~10 forward passes of each set per model: keep the CPU's share small
         p.eval_tokens = 2048
+    if a.eval_tokens:
+        p.eval_tokens = a.eval_tokens
     cuda = pr._cuda()
     p.bf16 = p.bf16 and cuda
     out, t_start = Path(a.out), time.time()
