@@ -17,6 +17,7 @@ def test_marked_sections_of_benchmarks_md():
     assert errors == []
     assert "The full protocol with Muon (the default now)" in checked
     assert any(h.startswith("The full protocol (AdamW, 10% LM loss") for h in checked)
+    assert any(h.startswith("Where the WikiText-2 numbers come from") for h in checked)
 
 
 SECTION = """<!-- verdicts quote the tables -->
