@@ -265,8 +265,7 @@ class ModelConfig:
         rope_scaling = json.loads(getattr(a, "hf_rope_scaling", "null") or "null")
         if rope_scaling is None and getattr(a, "use_rope_scaling", False):
             rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
-                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192}
+                            **MEGATRON_LLAMA3_ROPE}
         vocab = megatron_lm_vocab_size(a) or need("padded_vocab_size")
         return cls(
             num_layers=need("num_layers"), hidden_size=need("hidden_size"),
