@@ -215,23 +215,15 @@ def test_megatron_lm_dp2_distributed_optimizer_to_hf(tmp_path):
 
 
 @pytest.mark.slow
-def test_megatron_lm_tp2_legacy_to_hf_bit_exact(tmp_path):
+@pytest.mark.parametrize("flag,ranks,merge", [
+    ("--tensor-model-parallel-size", [(0, 0), (1, 0)], mlm.merge_tp),
+    ("--pipeline-model-parallel-size", [(0, 0), (0, 1)], mlm.merge_pp)], ids=["tp2", "pp2"])
+def test_megatron_lm_legacy_tp2_pp2_to_hf_bit_exact(tmp_path, flag, ranks, merge):
     save = tmp_path / "ckpt"
-    mlm.pretrain(save, 2, "--tensor-model-parallel-size", "2", "--ckpt-format", "torch")
+    mlm.pretrain(save, 2, flag, "2", "--ckpt-format", "torch")
     states = mlm.legacy_model_states(save)
-    assert sorted(states) == [(0, 0), (1, 0)]
-    full = mlm.merge_tp([tensors_of(states[(r, 0)]["model"]) for r in (0, 1)])
-    assert_equal_tensors(export(save, tmp_path / "hf"),
-                         mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
-
-
-@pytest.mark.slow
-def test_megatron_lm_pp2_legacy_to_hf_bit_exact(tmp_path):
-    save = tmp_path / "ckpt"
-    mlm.pretrain(save, 2, "--pipeline-model-parallel-size", "2", "--ckpt-format", "torch")
-    states = mlm.legacy_model_states(save)
-    assert sorted(states) == [(0, 0), (0, 1)]
-    full = mlm.merge_pp([tensors_of(states[(0, p)]["model"]) for p in (0, 1)])
+    assert sorted(states) == ranks
+    full = merge([tensors_of(states[r]["model"]) for r in ranks])
     assert_equal_tensors(export(save, tmp_path / "hf"),
                          mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
 
