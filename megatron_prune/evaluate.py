@@ -41,6 +41,7 @@ from .config import ConfigError
 from .eval_text import TXT_MODES, data_protocol, read_documents  # noqa: F401 (the API)
 from .wikitext import markup_spans
 
+
 @dataclass
 class EvalResult:
     task: str
@@ -83,26 +84,31 @@ def read_rows(files, json_key: str = "text") -> list:
 
 def _text_ids(tokenizer, text: str) -> List[int]:
     """The ids of `text` read as text. A transformers tokenizer otherwise reads the strings of
-    its special tokens as those tokens: WikiText's literal "<unk>" (4% of its tokens) became the
-    unknown-token id 0, which SentencePiece, and so `preprocess`, never gives (it spells the
+    its special tokens as those tokens: WikiText's literal "<unk>" (11,718 times in WikiText-2
+    validation) became the unknown-token id 0, which SentencePiece, and so `preprocess`, never gives (it spells the
     text '▁<' 'unk' '>'); split, the ids equal SentencePiece's."""
     if hasattr(tokenizer, "bos_token_id"):
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     return tokenizer.encode(text)
 
 
+def _bos_eod(tokenizer):
+    """(BOS id, end-of-document id), either may be None, of a transformers tokenizer or of one
+    of the project's (`megatron_prune.tokenizers.Tokenizer`)."""
+    if hasattr(tokenizer, "bos_token_id"):
+        return tokenizer.bos_token_id, tokenizer.eos_token_id
+    return tokenizer.bos, tokenizer.eod
+
+
 def _encode(tokenizer, text: str):
     """(ids, BOS id or None) of a transformers tokenizer, or of one of the project's
-    (`megatron_prune.tokenizers.Tokenizer`, Megatron-LM's tokenizer types: exactly the tokens
-    `preprocess` gave the training data)."""
-    bos = tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.bos
-    return _text_ids(tokenizer, text), bos
+    (Megatron-LM's tokenizer types: exactly the tokens `preprocess` gave the training data)."""
+    return _text_ids(tokenizer, text), _bos_eod(tokenizer)[0]
 
 
 def _context_token(tokenizer) -> int:
     """The token every document is predicted after: BOS, else end-of-document."""
-    bos = tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.bos
-    eod = tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eod
+    bos, eod = _bos_eod(tokenizer)
     if bos is None and eod is None:
         raise ConfigError("the tokenizer has neither a BOS nor an end-of-document token to "
                           "predict a document's first token from")
