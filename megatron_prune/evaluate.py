@@ -65,23 +65,6 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def read_rows(files, json_key: str = "text") -> list:
-    """Rows of the older protocol (`token_windows`): lines of a text file, documents of a
-    jsonl."""
-    rows = []
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise ConfigError(f"--data {f}: no such file")
-        if p.suffix in (".jsonl", ".json"):
-            rows.extend(iter_documents([p], json_key))
-        else:
-            rows.extend(p.read_text(encoding="utf-8").splitlines())
-    if not rows:
-        raise ConfigError("no evaluation text in --data")
-    return rows
-
-
 def _text_ids(tokenizer, text: str) -> List[int]:
     """The ids of `text` read as text. A transformers tokenizer otherwise reads the strings of
     its special tokens as those tokens: WikiText's literal "<unk>" (11,718 times in WikiText-2
