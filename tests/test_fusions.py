@@ -158,7 +158,9 @@ RUN_SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         fusions.ON_CPU_TOO = True  # as on a GPU without Transformer Engine / Apex
         calls = collections.Counter()
-        compiled = {"rope": fusions._ROPE, "rms_norm": fusions._RMS_NORM}
+        from megatron_prune.train import loss
+        compiled = {"rope": fusions._ROPE, "rms_norm": fusions._RMS_NORM,
+                    **{"loss" + k: v for k, v in loss.COMPILED.items()}}
 
         def counted(name, fn):
             def call(*args):
@@ -196,7 +198,9 @@ def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path
     # 4 linear layers' weight gradients
     assert stats["on"]["calls"] == {"rope": 6 * 4 * 5 * 2, "rms_norm": 6 * 4 * 11,
                                     "wgrad": 6 * 4 * 5 * 4}
-    assert stats["on"]["compiled"] == {"rope": "ok", "rms_norm": "ok"}
+    assert stats["on"]["compiled"] == {"rope": "ok", "rms_norm": "ok", "loss_stats": "ok",
+                                       "loss_sums": "ok", "loss_grad": "ok"}
+    assert set(stats["off"]["compiled"].values()) == {"new"}  # the eager loss passes
     off, on = records(tmp_path / "off.jsonl"), records(tmp_path / "on.jsonl")
     assert len(off) == len(on) == 6
     for a, b in zip(off, on):

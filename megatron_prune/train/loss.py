@@ -18,12 +18,12 @@ exported Hugging Face model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from .fusions import addmm_into
+from .fusions import _CompiledOnce, addmm_into
 
 
 @dataclass(frozen=True)
@@ -34,114 +34,104 @@ class LossSpec:
     kd_alpha: float = 1.0
     temperature: float = 1.0
     group: Optional[object] = None  # TP process group (None: TP = 1)
+    compiled: bool = False    # the per-chunk passes through torch.compile (CUDA fast path)
 
 
-def _all_reduce(t: torch.Tensor, op, group):
-    if group is not None:
-        dist.all_reduce(t, op=op, group=group)
-    return t
+def _reduced(op, group, *ts):
+    """`ts` all-reduced over the TP group in one call (None stays None; no group: as given)."""
+    if group is None:
+        return ts
+    live = torch.stack([t for t in ts if t is not None])
+    dist.all_reduce(live, op=op, group=group)
+    out = iter(live.unbind())
+    return tuple(None if t is None else next(out) for t in ts)
 
 
-def _row_max(z: torch.Tensor) -> torch.Tensor:
-    if z.shape[-1] == 0:
-        return torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
-    return z.max(dim=-1).values
+# ------------------------------------------------------------------ the three per-chunk passes
+# Each pass reads the chunk's bf16 logits once; between passes the per-token statistics are
+# all-reduced over TP. On CUDA (`LossSpec.compiled`) each pass is one `torch.compile`d
+# function, which inductor turns into one or two Triton kernels that upcast in registers, so no
+# [chunk x vocab] fp32 tensor is ever written; elsewhere they run eagerly (same math).
+
+def _stats(z, zt, local, mine, temp: float):
+    """Per token: the max logit, the label's logit (0 where another rank holds the label), and
+    the teacher's max of zt / T (-inf on a shard of padding rows only)."""
+    if z.shape[1] == 0:
+        m = torch.full(z.shape[:1], float("-inf"), device=z.device)
+        return m, torch.zeros_like(m), (m.clone() if zt is not None else None)
+    zf = z.float()
+    picked = zf.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    mt = (zt.float() / temp).amax(1) if zt is not None else None
+    return zf.amax(1), torch.where(mine, picked, 0.0), mt
+
+
+def _sums(z, zt, m, mt, temp: float):
+    """Per token: sum exp(z - m); with a teacher also sum exp(zt/T - mt) and, for T != 1,
+    sum exp(z/T - m/T)."""
+    zf = z.float()
+    s_p = torch.exp(zf - m.unsqueeze(1)).sum(1)
+    if zt is None:
+        return s_p, None, None
+    s_t = torch.exp(zt.float() / temp - mt.unsqueeze(1)).sum(1)
+    s_q = torch.exp((zf - m.unsqueeze(1)) / temp).sum(1) if temp != 1.0 else None
+    return s_p, s_t, s_q
+
+
+def _grad(z, zt, lse, lse_t, lse_q, local, mine, mask, alpha: float, temp: float,
+          want_grad: bool):
+    """d loss / d z for the chunk (in z's dtype; None unless want_grad), and this rank's part
+    of the per-token KL(pt || q), where p = softmax(z), pt = softmax(zt/T), q = softmax(z/T):
+
+        d ce / dz = p - onehot,   d (T^2 KL) / dz = T (q - pt)."""
+    zf = z.float()
+    p = torch.exp(zf - lse.unsqueeze(1))
+    kl, g = None, None
+    if zt is not None:
+        log_pt = zt.float() / temp - lse_t.unsqueeze(1)
+        pt = torch.exp(log_pt)
+        log_q = zf / temp - lse_q.unsqueeze(1)
+        kl = (pt * (log_pt - log_q)).sum(1)
+        if want_grad:
+            g = (torch.exp(log_q) - pt) * (alpha * temp) + p * (1.0 - alpha)
+    elif want_grad:
+        g = p
+    if want_grad:
+        if alpha != 1.0:
+            cols = torch.arange(z.shape[1], device=z.device)
+            hit = (cols.unsqueeze(0) == local.unsqueeze(1)) & mine.unsqueeze(1)
+            g = g - hit.to(g.dtype) * (1.0 - alpha)
+        g = (g * mask.unsqueeze(1)).to(z.dtype)
+    return g, kl
 
 
 class _FusedOutputLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, mask, spec):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        n_tok, _ = hidden.shape
-        rows = spec.real_rows
-        w = weight[:rows]
-        kd = teacher_hidden is not None
+        rows, kd = spec.real_rows, teacher_hidden is not None
         alpha = spec.kd_alpha if kd else 0.0
-        temp = spec.temperature
-        wt = teacher_weight[:rows] if kd else None
+        w, wt = weight[:rows], (teacher_weight[:rows] if kd else None)
         grad_h = torch.empty_like(hidden) if need_grad else None
         grad_w = torch.zeros(rows, hidden.shape[1], dtype=torch.float32,
                              device=hidden.device) if need_grad else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ce_sum = torch.zeros_like(loss_sum)
-        kd_sum = torch.zeros_like(loss_sum)
+        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)  # loss, ce, kd
         mask = mask.float()
-        for s in range(0, n_tok, spec.chunk_tokens):
-            e = min(s + spec.chunk_tokens, n_tok)
+        run = _FAST if spec.compiled else _EAGER
+        for s in range(0, hidden.shape[0], spec.chunk_tokens):
+            e = min(s + spec.chunk_tokens, hidden.shape[0])
             hc, mc = hidden[s:e], mask[s:e]
-            # At most four [chunk, rows] fp32 buffers live at once (z, p; zt, pt with KD);
-            # everything else is done in place.
-            z = (hc @ w.t()).float()                                   # [c, rows]
+            z = hc @ w.t()                        # [c, rows] in the weights' dtype, as megatron
+            zt = teacher_hidden[s:e] @ wt.t() if kd else None
             local = labels[s:e] - spec.vocab_start
             mine = (local >= 0) & (local < rows)
-            target = torch.zeros_like(mc)
-            if rows:
-                picked = z.gather(1, local.clamp(0, rows - 1).unsqueeze(1)).squeeze(1)
-                target = torch.where(mine, picked, target)
-            if kd:
-                zt = (teacher_hidden[s:e] @ wt.t()).float().div_(temp)
-                maxes = _all_reduce(torch.stack([_row_max(z), _row_max(zt)]),
-                                    dist.ReduceOp.MAX, spec.group)
-                m, mt = maxes[0], maxes[1]
-            else:
-                m = _all_reduce(_row_max(z), dist.ReduceOp.MAX, spec.group)
-            if not kd:
-                p = z.sub_(m.unsqueeze(1)).exp_()                      # z's buffer, unnormalised
-                s_p, target = _all_reduce(torch.stack([p.sum(1), target]), dist.ReduceOp.SUM,
-                                          spec.group)
-                q = None
-            else:
-                p = torch.exp(z - m.unsqueeze(1))
-                pt = torch.exp(zt - mt.unsqueeze(1))
-                parts = [p.sum(1), target, pt.sum(1)]
-                if temp != 1.0:
-                    q = torch.exp(z.div_(temp).sub_((m / temp).unsqueeze(1)))  # softmax(z/T)
-                    parts.append(q.sum(1))
-                sums = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, spec.group)
-                s_p, target, s_t = sums[0], sums[1], sums[2]
-            lse = m + torch.log(s_p)
-            ce = lse - target
-            p.div_(s_p.unsqueeze(1))                                   # softmax(z)
-            tok_loss = ce * (1.0 - alpha)
-            if kd:
-                pt.div_(s_t.unsqueeze(1))                              # softmax(zt / T)
-                log_pt = zt.sub_((mt + torch.log(s_t)).unsqueeze(1))
-                if temp == 1.0:
-                    q, log_q = p, z.sub_(lse.unsqueeze(1))             # log softmax(z)
-                else:
-                    s_q = sums[3]
-                    q.div_(s_q.unsqueeze(1))
-                    log_q = z.sub_(torch.log(s_q).unsqueeze(1))       # z/T - m/T - log s_q
-                # KL = sum pt (log pt - log q): log pt is finite, so 0 * log pt = 0
-                kl = _all_reduce(log_pt.sub_(log_q).mul_(pt).sum(1), dist.ReduceOp.SUM,
-                                 spec.group)
-                del log_pt, log_q, z, zt
-                kd_tok = temp * temp * kl
-                tok_loss = tok_loss + alpha * kd_tok
-                kd_sum += (kd_tok * mc).sum()
-            loss_sum += (tok_loss * mc).sum()
-            ce_sum += (ce * mc).sum()
+            g, tok = _chunk(run, spec, z, zt, local, mine, mc, alpha, need_grad)
+            sums += torch.stack([(t * mc).sum() for t in tok])
             if need_grad:
-                # d ce / dz = softmax(z) - onehot;  d (T^2 KL) / dz = T (softmax(z/T) - pt)
-                if not kd:
-                    g = p
-                elif temp == 1.0:   # q is p: (1 - a) p + a (p - pt) = p - a pt
-                    g = p.sub_(pt, alpha=alpha)
-                else:
-                    g = q.sub_(pt).mul_(alpha * temp)
-                    if alpha != 1.0:
-                        g.add_(p, alpha=1.0 - alpha)
-                if alpha != 1.0 and rows:
-                    hit = mine.nonzero().squeeze(1)
-                    g[hit, local[hit]] -= 1.0 - alpha
-                g.mul_(mc.unsqueeze(1))
-                g = g.to(hidden.dtype)
                 grad_h[s:e] = g @ w
                 addmm_into(grad_w, g.t(), hc)   # fp32 accumulation, no bf16 chunk partials
-                del g
-            del p
         ctx.spec = spec
         ctx.save_for_backward(grad_h, grad_w, weight)
+        loss_sum, ce_sum, kd_sum = sums.unbind()
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss_sum, ce_sum, kd_sum
 
@@ -153,6 +143,52 @@ class _FusedOutputLoss(torch.autograd.Function):
             gh = grad_h * grad_loss.to(grad_h.dtype)
             gw = _weight_grad(weight, grad_w, grad_loss)
         return gh, gw, None, None, None, None, None
+
+
+def _chunk(run, spec, z, zt, local, mine, mask, alpha, need_grad):
+    """One chunk: the logits' gradient (None unless need_grad) and the per-token
+    (loss, ce, kd), with every softmax taken over the TP ranks' vocab shards."""
+    temp, group = spec.temperature, spec.group
+    m, target, mt = run.stats(z, zt, local, mine, temp)
+    m, mt = _reduced(dist.ReduceOp.MAX, group, m, mt)
+    s_p, s_t, s_q = run.sums(z, zt, m, mt, temp)
+    s_p, target, s_t, s_q = _reduced(dist.ReduceOp.SUM, group, s_p, target, s_t, s_q)
+    lse = m + torch.log(s_p)
+    ce = lse - target
+    lse_t = mt + torch.log(s_t) if zt is not None else None
+    lse_q = m / temp + torch.log(s_q) if s_q is not None else lse
+    g, kl = run.grad(z, zt, lse, lse_t, lse_q, local, mine, mask, alpha, temp, need_grad)
+    if zt is None:
+        return g, (ce, ce, torch.zeros_like(ce))
+    kd_tok = temp * temp * _reduced(dist.ReduceOp.SUM, group, kl)[0]
+    return g, (alpha * kd_tok + (1.0 - alpha) * ce, ce, kd_tok)
+
+
+@dataclass(frozen=True)
+class _Passes:
+    stats: Callable
+    sums: Callable
+    grad: Callable
+
+
+_EAGER = _Passes(_stats, _sums, _grad)
+
+
+# one compiled function per pass (each compiles on first use, for the chunk shapes it meets)
+COMPILED = {fn.__name__: _CompiledOnce(fn) for fn in (_stats, _sums, _grad)}
+
+
+def _or_eager(fn):
+    """The compiled `fn`, or `fn` itself where compiling failed (`_CompiledOnce` warns once)."""
+    compiled = COMPILED[fn.__name__]
+
+    def call(*args):
+        out = compiled(*args)
+        return fn(*args) if out is None else out
+    return call
+
+
+_FAST = _Passes(_or_eager(_stats), _or_eager(_sums), _or_eager(_grad))
 
 
 def _weight_grad(weight: torch.Tensor, grad_w: torch.Tensor, grad_loss: torch.Tensor):

@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..tokenizers import SENTENCEPIECE_TYPES, write_hf_sentencepiece_dir
 from . import checkpointing as ckpt_mod
 from . import data as data_mod
+from . import fusions
 from . import hidden_distill
 from . import model as model_mod
 from .arguments import TrainArgs
@@ -220,7 +221,8 @@ class Trainer:
             self.loss_spec = LossSpec(vocab_start=start, real_rows=rows,
                                       chunk_tokens=a.model.loss_chunk_tokens,
                                       kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
-                                      temperature=a.distill.kd_temperature, group=tp_group)
+                                      temperature=a.distill.kd_temperature, group=tp_group,
+                                      compiled=a.model.fused_kernels and fusions.wanted())
 
     def _hidden_pairs(self, teacher_cfg) -> tuple:
         """The compared layer pairs, the prune plan that maps them, and the teacher's layers
