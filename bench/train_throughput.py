@@ -190,56 +190,110 @@ def run_ours(out_dir: Path, mbs: int, accum: int, iters: int, warmup: int,
     return row
 
 
-# ---------------------------------------------------------------------------- loss memory
-def loss_memory_worker(variant: str, tokens: int, chunk: int) -> dict:
-    """Peak memory of the output layer + cross-entropy, forward and backward, for `tokens`
-    tokens at the 1.1B shape: full logits (what megatron-core's GPTModel does) or fused."""
-    import resource
+# ---------------------------------------------------------------------------- loss piece
+LOSS_VARIANTS = ("full", "fused", "fused-eager", "liger")
+
+
+def _loss_fn(variant: str, v: int, chunk: int):
+    """f(hidden, weight, labels, mask) -> summed loss, for one way of computing the output layer
+    + cross-entropy: full logits (what megatron-core's GPTModel does), ours with the compiled
+    passes (the trainer on a GPU) or eager, or Liger-Kernel's fused linear cross-entropy (one
+    GPU's whole vocab: it has no vocab-parallel form; None where it is not installed)."""
     import torch
     from megatron_prune.train.loss import LossSpec, fused_output_loss, reference_loss
+    if variant in ("fused", "fused-eager"):
+        spec = LossSpec(vocab_start=0, real_rows=v, chunk_tokens=chunk,
+                        compiled=variant == "fused")
+        return lambda h, w, y, m: fused_output_loss(h, w, y, m, spec)[0]
+    if variant == "full":
+        return lambda h, w, y, m: reference_loss(h @ w.t(), y, m)[0]
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    flce = LigerFusedLinearCrossEntropyLoss(reduction="sum", accum_dtype=torch.float32)
+    return lambda h, w, y, m: flce(w, h, torch.where(m > 0, y, -100))
+
+
+def loss_piece_worker(variant: str, tokens: int, chunk: int, iters: int = 10) -> dict:
+    """Forward + backward of the output layer + cross-entropy for `tokens` tokens at the 1.1B
+    shape: the median time of `iters` warm calls (after 3 warm-up calls: compiling, cuBLAS
+    autotuning and lazy kernel loading are not what a training step pays) and the peak memory
+    above the inputs; the loss and gradients, to compare the variants."""
+    import resource
+    import statistics
+    import torch
     dev = _device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     h, v = SHAPE["hidden_size"], SHAPE["vocab_size"]
+    fn = _loss_fn(variant, v, chunk)
+    if fn is None:
+        return {"variant": variant, "missing": True}
     g = torch.Generator(device=dev).manual_seed(0)
     hidden = (torch.randn(tokens, h, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=dev, generator=g) * 0.02).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (tokens,), device=dev, generator=g)
-    mask = torch.ones(tokens, device=dev)
+    mask = (torch.rand(tokens, device=dev, generator=g) > 0.1).float()
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, labels, mask)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        step()
+    _sync()
     if dev == "cuda":
-        torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    if variant == "fused":
-        loss = fused_output_loss(hidden, weight, labels, mask,
-                                 LossSpec(vocab_start=0, real_rows=v, chunk_tokens=chunk))[0]
-    else:
-        loss = reference_loss(hidden @ weight.t(), labels, mask)[0]
-    loss.backward()
-    _sync()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        loss = step()
+        _sync()
+        times.append(time.perf_counter() - t0)
     if dev == "cuda":
         extra = torch.cuda.max_memory_allocated() - base
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"variant": variant, "tokens": tokens, "chunk": chunk, "device": dev,
-            "extra_peak_gib": extra / 2**30, "seconds": seconds, "loss": loss.item()}
+            "extra_peak_gib": extra / 2**30, "seconds": statistics.median(times),
+            "loss": loss.item(), "grad_hidden_norm": hidden.grad.float().norm().item(),
+            "grad_weight_norm": weight.grad.float().norm().item()}
 
 
-def loss_memory(tokens: int, chunk: int) -> list:
+def loss_piece(tokens: int, chunk: int, variants=LOSS_VARIANTS) -> list:
     rows = []
-    for variant in ("full", "fused"):
+    for variant in variants:
         cmd = [sys.executable, __file__, "--worker", "loss", "--variant", variant,
                "--tokens", str(tokens), "--chunk", str(chunk), "--out", "-"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        if not row.get("missing"):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def loss_table(rows) -> str:
+    full = next((r for r in rows if r["variant"] == "full"), None)
+    lines = [f"output layer + cross-entropy, forward + backward, {rows[0]['tokens']} tokens x "
+             f"vocab {SHAPE['vocab_size']} (hidden {SHAPE['hidden_size']}), chunk "
+             f"{rows[0]['chunk']}, median of 10 warm calls:", "",
+             "| variant | ms | × full logits | extra peak GiB | loss | |grad h| | |grad W| |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['seconds'] / full['seconds']:.2f}" if full else "—"
+        lines.append(f"| {r['variant']} | {1000 * r['seconds']:.1f} | {ratio} | "
+                     f"{r['extra_peak_gib']:.2f} | {r['loss']:.6g} | "
+                     f"{r['grad_hidden_norm']:.6g} | {r['grad_weight_norm']:.6g} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- report
@@ -294,9 +348,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true",
                    help="tiny shape, to check the script itself (CPU works)")
-    p.add_argument("--loss-memory-only", action="store_true",
-                   help="only measure the output layer + loss memory, full logits vs fused")
-    p.add_argument("--tokens", type=int, default=8192, help="tokens of the loss-memory check")
+    p.add_argument("--loss-only", action="store_true",
+                   help="only time the output layer + loss: full logits, ours (compiled and "
+                        "eager), Liger-Kernel's fused linear cross-entropy where installed")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of the loss-piece check")
     p.add_argument("--chunk", type=int, default=2048, help="--loss-chunk-tokens of that check")
     p.add_argument("--worker", choices=("hf", "loss"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -306,10 +361,10 @@ def main(argv=None) -> int:
     if a.smoke:
         SHAPE = SMOKE_SHAPE
     if a.worker == "loss":
-        print(json.dumps(loss_memory_worker(a.variant, a.tokens, a.chunk)))
+        print(json.dumps(loss_piece_worker(a.variant, a.tokens, a.chunk)))
         return 0
-    if a.loss_memory_only:
-        loss_memory(a.tokens, a.chunk)
+    if a.loss_only:
+        print(loss_table(loss_piece(a.tokens, a.chunk)))
         return 0
     if a.worker == "hf":
         rows = hf_worker([int(x) for x in a.micro_batches.split(",")], a.accum, a.iters,
@@ -332,11 +387,7 @@ def main(argv=None) -> int:
         finish(rows, ceiling, fpt)
         text = table(rows, ceiling, device, fpt)
         if mem_rows:
-            text += "\n\noutput layer + cross-entropy, forward + backward, " + \
-                f"{a.tokens} tokens x vocab {SHAPE['vocab_size']} (hidden " + \
-                f"{SHAPE['hidden_size']}): " + \
-                "; ".join(f"{m['variant']} logits {m['extra_peak_gib']:.2f} GiB peak, "
-                          f"{1000 * m['seconds']:.0f} ms" for m in mem_rows)
+            text += "\n\n" + loss_table(mem_rows)
         summary = []
         for accum in sorted({r["accum"] for r in rows}):
             h, o = best(rows, "hf", accum), best(rows, "ours", accum)
@@ -378,7 +429,7 @@ def main(argv=None) -> int:
         if hf_best:
             rows += run_hf(raw, [hf_best["micro_batch"]], a.accum, max(2, a.iters // 2), 1)
             report()
-    mem_rows += loss_memory(a.tokens, a.chunk)
+    mem_rows += loss_piece(a.tokens, a.chunk)
     print(report(), flush=True)
     return 0
 
