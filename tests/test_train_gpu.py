@@ -84,6 +84,7 @@ def test_bf16_distributed_optimizer_resume_and_export(data, tmp_path):
     proc = run(*flags(data, tmp_path / "a.jsonl"), "--save", save, "--save-interval", 4)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "torch.bfloat16" in proc.stdout
+    assert "fused AdamW" in proc.stdout + proc.stderr  # resume below runs the fused kernel too
     full = recs(tmp_path / "a.jsonl")
     assert full[-1]["loss"] < full[0]["loss"] - 0.5  # 6.35 -> 5.43 seen on an H100
     rank_dir = save / "iter_0000004" / "mp_rank_00"

@@ -13,6 +13,7 @@ them.
 """
 from __future__ import annotations
 
+import logging
 from typing import List
 
 import torch
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from ..config import ConfigError, ModelConfig
 from .arguments import OptimizerArgs
 from .muon import MuonAdamW, matrix_role
+
+log = logging.getLogger(__name__)
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -134,7 +137,7 @@ class TorchOptimizer:
 
 
 def megatron_optimizer(model, o: OptimizerArgs, cfg: ModelConfig, *, bf16: bool,
-                       dtype: torch.dtype, distributed: bool):
+                       dtype: torch.dtype, distributed: bool, fused: bool = False):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -145,9 +148,32 @@ def megatron_optimizer(model, o: OptimizerArgs, cfg: ModelConfig, *, bf16: bool,
         opt = _megatron_wrapped(model, o, cfg, config, bf16=bf16)
     else:
         opt = get_megatron_optimizer(config, [model])
+        if fused and use_fused_adamw(opt):
+            log.info("optimizer: torch's fused AdamW kernel (no Apex / Transformer Engine)")
     opt.distributed = distributed
     opt.algorithm = o.optimizer
     return opt
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Switch the torch AdamW inside megatron-core's optimizer (its fallback without Apex or
+    Transformer Engine, which builds it with torch's default: foreach) to torch's fused CUDA
+    kernel, the stand-in for the FusedAdam megatron would take from Apex/TE. The foreach step
+    runs several kernels per tensor list and op; the fused one a single pass over p, grad, m, v
+    (bench/train_throughput.py measures the difference). Returns how many optimizers switched:
+    those whose parameters are all floating-point CUDA tensors (what `fused` supports)."""
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if not all(p.is_cuda and p.is_floating_point() for p in params):
+            continue
+        for group in [inner.defaults, *inner.param_groups]:
+            group.update(fused=True, foreach=False)
+        switched += 1
+    return switched
 
 
 def _megatron_wrapped(model, o: OptimizerArgs, cfg: ModelConfig, config, *, bf16: bool):
@@ -166,10 +192,12 @@ def _megatron_wrapped(model, o: OptimizerArgs, cfg: ModelConfig, config, *, bf16
 
 
 def build_optimizer(model, o: OptimizerArgs, cfg: ModelConfig, *, bf16: bool,
-                    dtype: torch.dtype, distributed: bool):
+                    dtype: torch.dtype, distributed: bool, fused: bool = False):
+    """`fused`: torch's fused AdamW kernel where megatron-core falls back to torch's AdamW
+    (set with the other fused kernels: CUDA without TE/Apex, see fusions.wanted)."""
     if torch.cuda.is_available():
         return megatron_optimizer(model, o, cfg, bf16=bf16, dtype=dtype,
-                                  distributed=distributed)
+                                  distributed=distributed, fused=fused)
     if bf16:
         raise ConfigError("--bf16 needs CUDA (fp32 main weights live in megatron-core's GPU "
                           "optimizer); train in fp32 on the CPU")

@@ -182,7 +182,8 @@ class Trainer:
         """AdamW or Muon + LR schedule, and on resume their state, the RNG and the data position."""
         a, c = self.args, self.args.checkpoint
         self.optimizer = build_optimizer(self.ddp, a.optim, self.cfg, bf16=a.training.bf16,
-                                         dtype=self.dtype, distributed=self.distributed_optimizer)
+                                         dtype=self.dtype, distributed=self.distributed_optimizer,
+                                         fused=a.model.fused_kernels and fusions.wanted())
         self.scheduler = build_scheduler(self.optimizer, a.optim,
                                          train_samples=self.plan.train_samples,
                                          global_batch=self.plan.global_batch)
