@@ -55,6 +55,8 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import token_efficiency  # noqa: E402  (bench/, beside this file)
 METHODS = ("random", "magnitude", "activation", "taylor")
 # The plain PyTorch + transformers reference of the same protocol (issue 7), for the table.
 REFERENCE = {"teacher": 49.7, "random pruned": 823.0, "activation pruned": 421.0,
@@ -133,8 +135,11 @@ def smoke_protocol() -> Protocol:
 class Runner:
     """Runs the project's commands as subprocesses, each logging to its own file."""
 
-    def __init__(self, work: Path, log: Path, gpus: int = 0):
+    def __init__(self, work: Path, log: Path, gpus: int = 0, reuse: bool = False):
         self.work, self.log, self.gpus = work, log, gpus
+        # --reuse: what an earlier call left in WORK (data, teacher, pruned models, finished
+        # recoveries) is kept, not made again
+        self.reuse = reuse
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
                         PYTHONPATH=os.pathsep.join([str(ROOT)] + [
                             p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -229,6 +234,7 @@ def _gpu_count() -> int:
 
 
 CLI = [sys.executable, "-m", "megatron_prune"]
+TRACKER = "latest_checkpointed_iteration.txt"
 TRAIN = [sys.executable, "-m", "megatron_prune.train"]
 
 
@@ -249,7 +255,8 @@ def prepare_data(r: Runner, p: Protocol, data_dir: Path, workers: int) -> dict:
                 f.write(json.dumps({"text": text, "file": name}, ensure_ascii=False) + "\n")
     _write_calibration(d / "calibration.jsonl", train, p)
     jobs = {f"preprocess_{split}": preprocess_job(d / f"{split}.jsonl", d / split, spm, workers)
-            for split in ("train", "valid")}
+            for split in ("train", "valid")
+            if not (r.reuse and (d / f"{split}_text_document.idx").is_file())}
     r.run_many(jobs, parallel=2)
     tok = write_hf_sentencepiece_dir(spm, d / "tokenizer", p.seq_length)
     return {"train": d / "train_text_document", "valid": d / "valid_text_document",
@@ -320,11 +327,18 @@ def _spm(data_dir: Path) -> Path:
 
 
 def train_teacher(r: Runner, p: Protocol, data: dict) -> dict:
+    saved = r.work / "teacher_summary.json"
+    if r.reuse and saved.is_file() and (r.work / "teacher" / TRACKER).is_file():
+        summary = json.loads(saved.read_text())
+        r.say(f"  reusing the teacher of an earlier call ({summary['iterations']} iterations)")
+        return {**summary, "log": r.work / "teacher.jsonl"}
     probe_teacher(r, p, data)
     iters, per_iter = teacher_iterations(r, p)
     t0 = time.time()
     r.run("teacher", teacher_job(r, p, data, iters))
-    return teacher_summary(r, p, iters, per_iter, t0)
+    summary = teacher_summary(r, p, iters, per_iter, t0)
+    saved.write_text(json.dumps({k: v for k, v in summary.items() if k != "log"}))
+    return summary
 
 
 def teacher_iterations(r: Runner, p: Protocol, name: str = "teacher") -> tuple:
@@ -416,6 +430,8 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str],
     for m in methods:
         if m in ("activation", "taylor"):
             scores[m] = r.work / f"scores_{m}.pt"
+            if r.reuse and scores[m].is_file():
+                continue
             jobs[f"importance_{m}"] = CLI + [
                 "importance", "--load", teacher, "--data", data["calibration"],
                 "--importance", m, "--samples", p.calib_samples, "--seq-length", p.seq_length,
@@ -430,8 +446,20 @@ def prune_all(r: Runner, p: Protocol, data: dict, methods: List[str],
         "--num-attention-heads-remain", s.heads, "--num-query-groups-remain", s.groups,
         "--ffn-hidden-size-remain", s.ffn, "--force",
         *prune_flags(p, _method(k), scores.get(_method(k)), extra)]
-        for k, extra in todo.items()}
+        for k, extra in todo.items() if not (r.reuse and (out[k] / TRACKER).is_file())}
     r.run_many(jobs, parallel=4)
+    return out
+
+
+def finished_runs(r: Runner, jobs: Dict[str, list]) -> List[str]:
+    """--reuse: the recoveries an earlier call finished (their checkpoint saved at their last
+    iteration), which are not run again."""
+    out = []
+    for name, argv in jobs.items():
+        tracker = r.work / "recovered" / _slug(name) / TRACKER
+        if r.reuse and tracker.is_file() and \
+                tracker.read_text().strip() == str(_flag(argv, "--train-iters", -1)):
+            out.append(name)
     return out
 
 
@@ -761,14 +789,25 @@ def report_lines(p: Protocol, meta: dict, teacher: dict, ev: dict) -> list:
     if meta.get("skipped"):
         lines += ["", "Not run (they would have ended after `--time-budget`): "
                   + ", ".join(_label(n) for n in meta["skipped"]) + "."]
+    tokens_of = lambda n: run_tokens(p, teacher, n, variants)  # noqa: E731
+    lines += token_efficiency.lines(ev, tokens_of, teacher["tokens"])
+    lines += token_efficiency.cost_lines(ev, lora_costs(meta, ev), {n: _label(n) for n in ev},
+                                         tokens_of)
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}"
                                                  for k, v in meta["stages"].items()), ""]
     return lines
 
 
+def lora_costs(meta: dict, ev: dict) -> Dict[str, dict]:
+    """Peak memory and tokens/s of full and LoRA recovery, from their training logs."""
+    return {n: token_efficiency.cost(_jsonl(meta["logs"][n])) for n in meta.get("lora_runs", [])
+            if n in ev and n in meta.get("logs", {})}
+
+
 def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
                  logs: Dict[str, Path]) -> None:
     variants = meta.get("variants", {})
+    meta["logs"] = {n: str(v) for n, v in logs.items()}
     (out / "results.md").write_text("\n".join(report_lines(p, meta, teacher, ev)) + "\n")
     cells = table_cells(p, ev, teacher, variants)
     (out / "results.json").write_text(json.dumps(
@@ -776,6 +815,10 @@ def write_report(out: Path, p: Protocol, meta: dict, teacher: dict, ev: dict,
             k: v for k, v in teacher.items() if k != "log"}, "eval": ev,
          "budgets": [dict(tokens=n, kd=kd, kd_vs_teacher=g, scratch=s, kd_below_scratch=b)
                      for n, kd, g, s, b in budget_rows(p, ev, variants)],
+         "efficiency": [{k: v for k, v in row.items() if not k.endswith("_cell")}
+                        for row in token_efficiency.rows(
+                            ev, lambda n: run_tokens(p, teacher, n, variants))],
+         "lora_cost": lora_costs(meta, ev),
          "goals": [dict(goal=g, measured=m, met=ok) for g, m, ok in goals(p, ev, teacher, cells)]},
         indent=2, default=str))
     _plot(out, logs, teacher["log"], p, {n: _global_batch(v, p) for n, v in variants.items()})
@@ -940,6 +983,25 @@ def parse_args(argv=None):
         ap.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
                         **({"choices": LR_DECAY_STYLES} if f == "recover_decay_style" else
                            {"choices": OPTIMIZERS} if f == "recover_optimizer" else {}))
+    ap.add_argument("--efficiency", action="store_true",
+                    help="the token-efficiency sweep (issue 21) instead of the goal runs: "
+                         "activation + distillation at --kd-budgets and random init at "
+                         "--scratch-budgets (fractions of the teacher's tokens), and the token "
+                         "ratio at equal held-out perplexity")
+    ap.add_argument("--kd-budgets", default="1/96,1/48,1/24", metavar="F[,F...]",
+                    help="--efficiency: distillation budgets, fractions of the teacher's tokens")
+    ap.add_argument("--scratch-budgets", default="1/24,1/12,1/6,1/3", metavar="F[,F...]",
+                    help="--efficiency: random-init budgets, fractions of the teacher's tokens "
+                         "(up to the largest that fits; later calls with --reuse may add more)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep what an earlier call left in --work (data, teacher, importance, "
+                         "pruned models, finished recoveries) instead of starting afresh: a "
+                         "sweep split over several calls shares one teacher")
+    ap.add_argument("--lora-rank", type=int, default=None,
+                    help="also recover the activation-pruned model with distillation by LoRA "
+                         "of this rank (AdamW, --lora-lr) beside full recovery at equal tokens, "
+                         "as activation_kd@loraR: perplexity, peak GPU memory, tokens/s")
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--recover-fraction", type=_fraction, default=None, metavar="F",
                     help="recovery tokens = at most this fraction of the teacher's (default "
                          "1/6, the most issue 7 allows); --recover-iters alone replaces it")
@@ -1008,6 +1070,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"--variant {v!r}: the global batch is not a multiple of the "
                              f"micro-batch ({mbs}); set --micro-batch-size too")
     budgets = parse_budgets(a.budget_sweep, kd_methods)
+    kd_budgets, scratch_budgets = [], []
+    if a.efficiency:
+        # one pruned model, its distillation and random init: the two curves and nothing else
+        methods = kd_methods = ["activation"]
+        kd_budgets = parse_budgets(a.kd_budgets, kd_methods)
+        scratch_budgets = parse_budgets(a.scratch_budgets, kd_methods)
+        a.skip = ",".join(n for n in ("activation_lm", "activation_kd", "scratch", a.skip)
+                          if n and not (n == "activation_kd" and a.lora_rank))
     prune_variants = parse_prune_variants(a.prune_variant, methods)
     runs = run_names(methods + list(prune_variants), kd_methods)
     skip = tuple(n for n in a.skip.split(",") if n)
@@ -1019,13 +1089,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--data {data_dir}: no corpus/gutenberg_en.tar.xz")
     out = Path(a.out)
     work = Path(a.work) if a.work else out / "work"
-    if work.exists():
+    if work.exists() and not a.reuse:
         shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
-    (work / "recovered").mkdir()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "recovered").mkdir(exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     gpus = a.gpus if a.gpus is not None else (_gpu_count() if _cuda() else 0)
-    r = Runner(work, out / "run.log", gpus)
+    r = Runner(work, out / "run.log", gpus, reuse=a.reuse)
     (out / "run.log").write_text("")
     t_start = time.time()
     with r.stage("data"):
@@ -1041,9 +1111,19 @@ def main(argv=None) -> int:
     # now that iters are known
     variants = {n: _same_tokens(p, v) for n, v in variants.items()}
     variants.update(budget_variants(p, budgets))
+    variants.update(token_efficiency.variants(
+        kd_budgets, scratch_budgets, teacher["tokens"], p.recover_global_batch * p.seq_length,
+        lambda iters: _schedule_flags(p, iters)))
+    if a.lora_rank:
+        variants[f"activation_kd@lora{a.lora_rank}"] = [
+            "--lora-rank", a.lora_rank, "--optimizer", "adam", "--lr", a.lora_lr,
+            "--min-lr", a.lora_lr * p.recover_min_lr]
     with r.stage("importance + prune"):
         pruned = prune_all(r, p, data, methods, prune_variants)
     jobs, optional = recovery_jobs(r, p, data, pruned, kd_methods, variants, skip)
+    finished = finished_runs(r, jobs)
+    if finished:
+        r.say(f"  reusing finished recoveries: {', '.join(finished)}")
     models = {"teacher": work / "teacher"}
     models.update({f"{m}_pruned": path for m, path in pruned.items()})
     early: dict = {}
@@ -1052,7 +1132,8 @@ def main(argv=None) -> int:
     with r.stage("recover"):
         scorer.start()
         deadline = t_start + a.time_budget if a.time_budget else None
-        skipped = r.run_many(jobs, parallel=a.jobs or (3 if _cuda() else 1),
+        skipped = r.run_many({n: v for n, v in jobs.items() if n not in finished},
+                             parallel=a.jobs or (3 if _cuda() else 1),
                              optional=tuple(optional), deadline=deadline)
     with r.stage("evaluate"):
         scorer.join()
@@ -1065,6 +1146,8 @@ def main(argv=None) -> int:
     meta["skipped"] = skipped
     meta["variants"] = {n: v for n, v in variants.items() if n in done}
     meta["prune_variants"] = prune_variants
+    meta["lora_runs"] = ["activation_kd", f"activation_kd@lora{a.lora_rank}"] \
+        if a.lora_rank else []
     write_report(out, p, meta, teacher, ev, {n: _log(r, n) for n in done})
     print((out / "results.md").read_text())
     return 0

@@ -5,6 +5,7 @@ loss and distillation, random-init baseline -> evaluation -> report). Slow (abou
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,67 @@ def test_report_verdicts_quote_the_table():
     assert any("quotes 3630.4" in e for e in verdicts.check_section(bad))
     bad = [ln.replace(": 11.65×", ": 12.65×") for ln in lines]
     assert any("does not follow" in e for e in verdicts.check_section(bad))
+
+
+def test_token_ratio_is_interpolated_never_extrapolated():
+    """--efficiency: random init's tokens at a distilled perplexity come from log-log
+    interpolation between the two runs that bracket it; past its largest run the ratio is a
+    lower bound ("> N×"), before its smallest an upper bound ("< N×"); the section's verdict
+    quotes its own cells."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import token_efficiency as te
+    import verdicts
+    pts = [(1000, 80.0), (4000, 40.0), (16000, 30.0)]
+    t, where = te.tokens_at(pts, 80.0 * 0.5 ** 0.5)  # halfway from 80 to 40 in log-ppl
+    assert where == "at" and t == pytest.approx(2000.0)  # halfway in log-tokens
+    assert te.tokens_at(pts, 20.0) == (16000.0, "after")
+    assert te.tokens_at(pts, 90.0) == (1000.0, "before")
+    ev = {"activation_kd@teacher1/96": {"books": 40.0}, "activation_kd@teacher1/48": {"books": 25.0},
+          "scratch@teacher1/24": {"books": 80.0}, "scratch@teacher1/6": {"books": 30.0}}
+    tokens = {"activation_kd@teacher1/96": 100, "activation_kd@teacher1/48": 200,
+              "scratch@teacher1/24": 1000, "scratch@teacher1/6": 16000}
+    rows = te.rows(ev, tokens.get)
+    assert [r["where"] for r in rows] == ["at", "after"]
+    x = (math.log(40) - math.log(80)) / (math.log(30) - math.log(80))
+    assert rows[0]["ratio"] == pytest.approx(math.exp(x * math.log(16)) * 1000 / 100)
+    assert rows[1]["ratio_cell"] == "> 80.0×"
+    lines = te.lines(ev, tokens.get, teacher_tokens=96000)
+    assert verdicts.check_section(lines, "efficiency") == []
+    assert lines[-1].endswith("| > 0.016 M vs 0.0002 M: 80.0× | yes |")
+
+
+@pytest.mark.slow
+def test_efficiency_smoke_split_over_two_calls(tmp_path):
+    """--efficiency --smoke on the CPU in two calls sharing one --work: the first trains the
+    teacher, prunes, runs the distillation budgets, one random-init budget and LoRA beside full
+    recovery; the second (--reuse) reuses all of that and adds a larger random-init budget.
+    The report has both curves, the ratios, a verdict quoting them, and LoRA's cost table."""
+    def run(*flags):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prune_recover.py"),
+                               "--smoke", "--efficiency", "--out", str(tmp_path / "out"),
+                               "--work", str(tmp_path / "work"), "--workers", "2",
+                               "--data", str(DATA), "--lora-rank", "4", *flags],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+    first = run("--kd-budgets", "1/96,1/48,1/24", "--scratch-budgets", "1/24")
+    assert "reusing" not in first and "== teacher: " in first
+    second = run("--reuse", "--kd-budgets", "1/96,1/48,1/24", "--scratch-budgets", "1/24,1/6")
+    assert "reusing the teacher of an earlier call" in second
+    reused = next(ln for ln in second.splitlines() if "reusing finished recoveries" in ln)
+    for name in ("activation_kd", "activation_kd@teacher1/24", "scratch@teacher1/24",
+                 "activation_kd@lora4"):
+        assert name in reused
+    assert "start scratch@teacher1/6" in second and "start scratch@teacher1/24" not in second
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {n for n in res["eval"] if "@teacher" in n} >= {
+        "activation_kd@teacher1/24", "scratch@teacher1/24", "scratch@teacher1/6"}
+    assert res["efficiency"] and all(r["ratio"] > 0 for r in res["efficiency"])
+    assert set(res["lora_cost"]) == {"activation_kd", "activation_kd@lora4"}
+    sys.path.insert(0, str(ROOT / "bench"))
+    import verdicts
+    md = (tmp_path / "out" / "results.md").read_text()
+    section = md.split("## Token efficiency")[1].split("## LoRA")[0].splitlines()
+    assert verdicts.check_section(section, "efficiency") == []
+    assert "random init needs >= 30× the distillation's tokens" in md
+    assert "| activation + distillation [lora4] |" in md

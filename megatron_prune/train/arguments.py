@@ -156,6 +156,13 @@ class DistillArgs:
 
 
 @dataclass
+class LoraArgs:
+    rank: Optional[int] = None                # None: train every weight
+    alpha: Optional[float] = None             # scale = alpha / rank; default alpha = rank
+    target: str = "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+
+
+@dataclass
 class TrainArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)
@@ -166,6 +173,12 @@ class TrainArgs:
     eval: EvalArgs = field(default_factory=EvalArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+
+    def lora_spec(self):
+        """The LoRA settings (`lora.LoraSpec`), None without --lora-rank."""
+        from .lora import spec_from_args
+        return spec_from_args(self.lora.rank, self.lora.alpha, self.lora.target)
 
     def validate(self) -> None:
         m, t, o, d, c = self.model, self.training, self.optim, self.data, self.checkpoint
@@ -217,6 +230,17 @@ class TrainArgs:
             raise ConfigError("--recompute-granularity must be selective or full")
         if m.loss_chunk_tokens < 1:
             raise ConfigError("--loss-chunk-tokens must be positive")
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        from .lora import TARGETS, check_supported
+        default_target = ",".join(TARGETS)
+        if self.lora.rank is None and (self.lora.alpha is not None
+                                       or self.lora.target != default_target):
+            raise ConfigError("--lora-alpha / --lora-target need --lora-rank")
+        check_supported(self.lora_spec(), init=self.model.init, optimizer=self.optim.optimizer,
+                        sequence_parallel=self.parallel.sequence_parallel,
+                        transformer_impl=self.model.transformer_impl)
 
     def _validate_hidden_kd(self) -> None:
         d, p = self.distill, self.parallel
@@ -424,6 +448,15 @@ def _flags():
         ("--kd-hidden-layers", "distill", "kd_hidden_layers", dict(type=S,
             help="student layers compared with --kd-hidden-weight, e.g. 2,5,8 (0-based; "
                  "default all)")),
+        # LoRA
+        ("--lora-rank", "lora", "rank", dict(type=I,
+            help="train low-rank adapters of this rank on frozen base weights (default: off, "
+                 "every weight trains); saved checkpoints hold the merged plain model")),
+        ("--lora-alpha", "lora", "alpha", dict(type=F,
+            help="adapter scale = alpha / rank (default alpha = rank: scale 1)")),
+        ("--lora-target", "lora", "target", dict(type=S,
+            help="comma list of the linear layers to adapt, Megatron names (default all): "
+                 "linear_qkv,linear_proj,linear_fc1,linear_fc2")),
     ]
 
 

@@ -95,9 +95,12 @@ def megatron_args(cfg: ModelConfig, *, tp: int, pp: int, dtype, divisible_by: in
 def save_checkpoint(save_dir, *, model, optimizer, scheduler, state: TrainState,
                     args: argparse.Namespace, save_optim: bool = True,
                     tokenizer_dir: Optional[Path] = None,
-                    plan_file: Optional[Path] = None) -> Path:
+                    plan_file: Optional[Path] = None, model_state: Optional[dict] = None,
+                    extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the iteration directory. `plan_file`: the
-    prune plan of the weights' source, kept beside them (what the model was pruned from)."""
+    prune plan of the weights' source, kept beside them (what the model was pruned from).
+    `model_state`: the `model` entry, when it is not the module's own state dict (LoRA saves
+    the merged weights); `extra`: more entries of the rank file (LoRA's `lora`)."""
     from megatron.core import parallel_state as ps
     root = Path(save_dir)
     it_dir = root / iter_dir_name(state.iteration)
@@ -115,13 +118,14 @@ def save_checkpoint(save_dir, *, model, optimizer, scheduler, state: TrainState,
         # collective over the data-parallel group; written by its rank 0
         optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM_FILE))
     if dp_rank == 0:
-        extra = {"rng_state": states, "opt_param_scheduler": scheduler.state_dict(),
-                 "train_state": asdict(state)}
+        entries = {"rng_state": states, "opt_param_scheduler": scheduler.state_dict(),
+                   "train_state": asdict(state), **(extra or {})}
         if save_optim:
-            extra["optimizer"] = optimizer.state_dict()
+            entries["optimizer"] = optimizer.state_dict()
+        if model_state is None:
+            model_state = (model.module if hasattr(model, "module") else model).state_dict()
         tmp = rank_dir / (RANK_FILE + ".tmp")
-        write_rank_file(tmp, args, (model.module if hasattr(model, "module") else model)
-                        .state_dict(), state.iteration, extra=extra)
+        write_rank_file(tmp, args, model_state, state.iteration, extra=entries)
         os.replace(tmp, rank_dir / RANK_FILE)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -155,17 +159,24 @@ def is_training_checkpoint(path) -> bool:
     return ckpt.iteration != "release" and "train_state" in torch_load(ckpt.files[(0, 0)])
 
 
+def this_rank_file(root) -> Path:
+    """This rank's file of the latest checkpoint in `root`."""
+    from megatron.core import parallel_state as ps
+    root = Path(root)
+    return root / iter_dir_name(read_tracker(root)) / rank_dir_name(
+        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size()) / RANK_FILE
+
+
 def load_training_state(path, *, model, optimizer, scheduler, load_optim: bool = True,
                         load_rng: bool = True) -> TrainState:
     """Resume everything but the model weights (loaded by `mcore_model.load_legacy_into_model`,
     which checks the shapes) from this rank's file of the latest checkpoint in `path`."""
     from megatron.core import parallel_state as ps
     root = Path(path)
-    it = read_tracker(root)
     pp = ps.get_pipeline_model_parallel_world_size()
-    rank_dir = root / iter_dir_name(it) / rank_dir_name(
-        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), pp)
-    f = rank_dir / RANK_FILE
+    f = this_rank_file(root)
+    rank_dir = f.parent
     if not f.is_file():
         raise ConfigError(f"{root}: no {f.relative_to(root)}: the checkpoint was saved at "
                           "another TP/PP; resume at the same TP/PP, or start a new run from it "

@@ -25,11 +25,13 @@ import torch.distributed as dist
 
 from .. import layout, mcore_model
 from ..config import ConfigError
+from ..tensor_io import torch_load
 from ..tokenizers import SENTENCEPIECE_TYPES, write_hf_sentencepiece_dir
 from . import checkpointing as ckpt_mod
 from . import data as data_mod
 from . import fusions
 from . import hidden_distill
+from . import lora as lora_mod
 from . import model as model_mod
 from .arguments import TrainArgs
 from .cpu import training_cpu_patches
@@ -148,12 +150,17 @@ class Trainer:
                                                finalize_model_grads)
         from megatron.core.pipeline_parallel import get_forward_backward_func
         m, p = self.args.model, self.args.parallel
-        self.impl = model_mod.pick_impl(m.transformer_impl)
+        self.lora = self.args.lora_spec()
+        self.impl = model_mod.pick_impl(lora_mod.impl_for(m.transformer_impl, self.lora))
         torch.manual_seed(self.args.training.seed)  # the same random init on every rank
         module = model_mod.build_piece(self.cfg, m=m, p=p, dtype=self.dtype, impl=self.impl,
                                        divisible_by=self.source.divisible_by)
         if self.source.weights is not None:
             mcore_model.load_legacy_into_model(module, self.source.weights)
+        if self.lora is not None:
+            self._apply_lora(module)
+        elif self.resume:
+            self._refuse_lora_checkpoint()
         muon = self.args.optim.optimizer == "muon"
         self.distributed_optimizer = (torch.cuda.is_available() and not muon
                                       if p.use_distributed_optimizer is None
@@ -177,6 +184,22 @@ class Trainer:
         if p.overlap_grad_reduce:
             module.config.grad_sync_func = self.ddp.start_grad_sync
         self.forward_backward = get_forward_backward_func()
+
+    def _apply_lora(self, module) -> None:
+        """Freeze the loaded weights and add adapters, before DDP (which then makes gradient
+        buffers for the adapters only). A resumed LoRA run's `model` holds merged weights: the
+        unmerged base and the adapters come from its `lora` entry."""
+        lora_mod.apply(module, self.lora, self.args.training.seed)
+        f = ckpt_mod.this_rank_file(self.args.checkpoint.load) if self.resume else None
+        if f is not None and f.is_file():  # else load_training_state names the TP/PP mismatch
+            lora_mod.restore(module, self.lora, torch_load(f).get("lora"), str(f))
+
+    def _refuse_lora_checkpoint(self) -> None:
+        f = ckpt_mod.this_rank_file(self.args.checkpoint.load)
+        if f.is_file() and torch_load(f).get("lora") is not None:
+            raise ConfigError(f"{f}: a LoRA run's checkpoint; resume it with the same "
+                              "--lora-rank/--lora-alpha/--lora-target, or pass --finetune to "
+                              "train all of its (merged) weights")
 
     def _build_optimizer(self) -> None:
         """AdamW or Muon + LR schedule, and on resume their state, the RNG and the data position."""
@@ -289,7 +312,8 @@ class Trainer:
             f"{pl.micro_batch} x {pl.num_microbatches} accumulation x DP {pl.dp} = global "
             f"{pl.global_batch} x seq {pl.seq_length}; {pl.train_iters} iterations "
             f"({pl.train_samples * pl.seq_length:,} tokens); {self.dtype}"
-            + self._describe_kd())
+            + self._describe_kd()
+            + (lora_mod.describe(self.lora, self.module) if self.lora else ""))
 
     def _describe_kd(self) -> str:
         if not self.teacher:
@@ -466,11 +490,15 @@ class Trainer:
                       **{k: list(getattr(self.args.data, k)) for k in
                          ("train_data_path", "valid_data_path", "test_data_path")
                          if getattr(self.args.data, k)}})
+        # LoRA: `model` is the merged plain Llama every tool reads; `lora` what resume needs
+        merged = lora_mod.merged_state_dict(self.module) if self.lora else None
+        extra = {"lora": lora_mod.resume_state(self.module, self.lora)} if self.lora else None
         ckpt_mod.save_checkpoint(c.save, model=self.ddp, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=self.state, args=args,
                                  save_optim=not c.no_save_optim,
                                  tokenizer_dir=self._tokenizer_dir(),
-                                 plan_file=hidden_distill.find_plan([self.source.weights]))
+                                 plan_file=hidden_distill.find_plan([self.source.weights]),
+                                 model_state=merged, extra=extra)
         self.last_saved = self.state.iteration
         self.metrics.line(f" saved checkpoint at iteration {self.state.iteration} to {c.save} "
                           f"({time.time() - t0:.1f} s)")
