@@ -123,17 +123,41 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _Shapes:
+    """A source seen through meta tensors: the same layout code, run on it, plans a rank
+    file's shapes and dtypes without reading a byte."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def shape(self, name) -> tuple:
+        return self.source.shape(name)
+
+    def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
+        shape = list(self.source.shape(name))
+        if dim is not None:
+            shape[dim] = (shape[dim] if end is None else end) - start
+        return torch.empty(shape, dtype=self.source.dtype, device="meta")
+
+
+def rank_plan(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_rank: int,
+              ranges, dtype: torch.dtype, divisible_by: int) -> list:
+    """[(name, make)] of one legacy rank file's model state, in order: make() builds the
+    tensor from `source` (None for the `_extra_state` entries, which are None)."""
+    def maker(e):
+        return lambda: layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank,
+                                            e.layer, divisible_by).to(dtype)
+    plan = [(e.name, maker(e)) for e in layout.stage_entries(cfg, impl, pp_rank, ranges)]
+    # what mcore's own modules save; TE accepts None as "no FP8 state"
+    return plan + [(n, None) for n in layout.extra_state_names(impl, pp_rank, ranges)]
+
+
 def megatron_rank_state(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_rank: int,
                         ranges, dtype: torch.dtype, divisible_by: int) -> dict:
-    """The model state dict of one legacy rank file, built from any source."""
-    state = {}
-    for e in layout.stage_entries(cfg, impl, pp_rank, ranges):
-        t = layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank, e.layer,
-                                 divisible_by)
-        state[e.name] = _owned(t.to(dtype))
-    for name in layout.extra_state_names(impl, pp_rank, ranges):
-        state[name] = None  # what mcore's own modules save; TE accepts None as "no FP8 state"
-    return state
+    """The model state dict of one legacy rank file, built from any source, in memory."""
+    return {n: None if make is None else _owned(make())
+            for n, make in rank_plan(source, cfg, impl, tp, tp_rank, pp_rank, ranges, dtype,
+                                     divisible_by)}
 
 
 def write_megatron(source, cfg: ModelConfig, out: Path, *, tp: int, pp: int, impl: str,
@@ -153,10 +177,13 @@ def write_megatron(source, cfg: ModelConfig, out: Path, *, tp: int, pp: int, imp
         return args
     if ckpt_format != "torch":
         raise ConfigError(f"unknown --ckpt-format {ckpt_format!r} (torch or torch_dist)")
+    def plans(t, p):  # the tensors to make, and their shapes planned through meta tensors
+        real = rank_plan(source, cfg, impl, tp, t, p, ranges, dtype, divisible_by)
+        meta = rank_plan(_Shapes(source), cfg, impl, tp, t, p, ranges, dtype, divisible_by)
+        return real, [(n, None if make is None else make()) for n, make in meta]
+
     with tqdm(total=tp * pp, desc="rank files", unit="file") as bar:
-        write_legacy(out, args, tp, pp, iteration,
-                     lambda t, p: megatron_rank_state(source, cfg, impl, tp, t, p, ranges, dtype,
-                                                      divisible_by), progress=bar)
+        write_legacy(out, args, tp, pp, iteration, plans, progress=bar)
     return args
 
 

@@ -20,7 +20,7 @@ import torch
 
 from . import layout
 from .config import ConfigError, ModelConfig
-from .tensor_io import CheckpointReadError, TorchFileReader, torch_load
+from .tensor_io import CheckpointReadError, TorchFileReader, save_streamed, torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -174,15 +174,19 @@ def write_rank_file(path: Path, args: argparse.Namespace, state: dict, iteration
 
 
 def write_legacy(out: Path, args: argparse.Namespace, tp: int, pp: int, iteration,
-                 make_state: Callable[[int, int], dict], progress=None) -> None:
-    """Write every rank file (one in memory at a time), then the tracker file last."""
+                 make_plans: Callable[[int, int], tuple], progress=None) -> None:
+    """Write every rank file tensor by tensor (`tensor_io.save_streamed`: at most about two
+    tensors in memory), then the tracker file last. `make_plans(tp_rank, pp_rank)` gives the
+    file's [(name, make)] (make None: the entry is None) and [(name, meta tensor)]."""
     it_dir = out / iter_dir_name(iteration)
+    head = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": 0 if iteration == "release" else int(iteration)}
     for pp_rank in range(pp):
         for tp_rank in range(tp):
-            state = make_state(tp_rank, pp_rank)
-            write_rank_file(it_dir / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt",
-                            args, state, iteration)
-            del state
+            plan, shapes = make_plans(tp_rank, pp_rank)
+            makers = dict(plan)
+            save_streamed(it_dir / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt",
+                          head, "model", shapes, lambda name: makers[name]())
             if progress is not None:
                 progress.update(1)
     (out / TRACKER).write_text(str(iteration))

@@ -7,6 +7,9 @@
 * `TorchFileReader` opens a `torch.save` file with `mmap=True, weights_only=True` and releases
   each tensor's pages after it was copied out (`madvise(DONTNEED)`), so reading a 3 GB rank file
   keeps resident only what is in use.
+* `save_streamed` writes what `torch.save` would, tensor by tensor: torch itself lays the file
+  out (`torch.serialization.skip_data`, from untouched placeholder tensors), and each tensor's
+  bytes go to its record's offset from a writer thread while the next tensor is being built.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import json
 import mmap
 import os
 import pickle
+import queue
 import struct
+import threading
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,7 +101,9 @@ class SafetensorsReader:
 
 
 class SafetensorsWriter:
-    """Write tensors in a planned order; the header is written first from (name, shape, dtype)."""
+    """Write tensors in a planned order; the header is written first from (name, shape, dtype).
+    A writer thread writes each tensor's bytes (no copy of them) while the caller builds the
+    next one; at most two tensors wait for it."""
 
     def __init__(self, path, plan: Iterable[tuple], metadata: Optional[dict] = None):
         header, offset = {}, 0
@@ -116,6 +123,18 @@ class SafetensorsWriter:
         self.f = open(path, "wb")
         self.f.write(struct.pack("<Q", len(blob)) + blob)
         self.next = 0
+        self._queue: "queue.Queue" = queue.Queue(maxsize=2)
+        self._failed: list = []
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        while (t := self._queue.get()) is not None:
+            if not self._failed and t.numel():
+                try:
+                    self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                except OSError as e:
+                    self._failed.append(e)
 
     def write(self, name, tensor: torch.Tensor):
         if self.next >= len(self.order) or self.order[self.next] != name:
@@ -124,12 +143,23 @@ class SafetensorsWriter:
         if list(tensor.shape) != e["shape"] or ST_NAMES[tensor.dtype] != e["dtype"]:
             raise RuntimeError(f"{name}: planned {e['shape']} {e['dtype']}, got "
                                f"{list(tensor.shape)} {tensor.dtype}")
-        t = tensor.detach().contiguous().cpu()
-        self.f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if self._failed:
+            raise self._failed[0]
+        self._queue.put(tensor.detach().contiguous().cpu())
         self.next += 1
 
+    def _finish(self):
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self):
+        self._finish()
+        if self._failed:
+            self.f.close()
+            raise self._failed[0]
         if self.next != len(self.order):
+            self.f.close()
             raise RuntimeError(f"safetensors writer closed after {self.next}/{len(self.order)} tensors")
         self.f.close()
 
@@ -140,6 +170,7 @@ class SafetensorsWriter:
         if exc[0] is None:
             self.close()
         else:
+            self._finish()
             self.f.close()
 
 
@@ -160,6 +191,76 @@ def release_pages(t: torch.Tensor) -> None:
     # Pages at the edges may hold a neighbour's bytes: that is fine, a private read-only mapping
     # simply faults them back in from the file when touched again.
     _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _pwrite_all(fd: int, t: torch.Tensor, offset: int) -> None:
+    buf = memoryview(t.contiguous().view(torch.uint8).numpy())
+    while len(buf):  # one write moves at most ~2 GiB on Linux
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
+def save_streamed(path, head: dict, key: str, plan: List[Tuple[str, Optional[torch.Tensor]]],
+                  produce: Callable[[str], torch.Tensor]) -> None:
+    """`torch.save({**head, key: {name: produce(name)}}, path)` (with None for plan entries
+    whose meta tensor is None), holding about two tensors instead of the whole dict.
+
+    `plan` gives each name's shape and dtype as a meta tensor, in the dict's order. torch.save
+    writes the file from placeholder tensors under `skip_data` (no bytes of theirs are touched,
+    so they take no memory): the pickle, the records and their alignment are torch's own, and
+    the data records hold nothing yet. Storage keys are numbered in the order the pickler meets
+    the tensors, i.e. `plan`'s order, so record `data/i` belongs to the i-th tensor. Then each
+    tensor is produced and a writer thread puts its bytes at its record's offset, overlapping
+    building the next tensor (reading, fusing) with writing this one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not hasattr(torch.serialization, "skip_data"):  # torch < 2.6: the whole dict at once
+        torch.save({**head, key: {n: None if m is None else produce(n) for n, m in plan}}, path)
+        return
+    placeholders = {n: (None if m is None else torch.empty(m.shape, dtype=m.dtype))
+                    for n, m in plan}
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with torch.serialization.skip_data():
+            torch.save({**head, key: placeholders}, path)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    del placeholders
+    with open(path, "rb") as f:
+        reader = torch._C.PyTorchFileReader(f)
+        tensors = [(n, m) for n, m in plan if m is not None]
+        offsets = [reader.get_record_offset(f"data/{i}") for i in range(len(tensors))]
+    pending: "queue.Queue" = queue.Queue(maxsize=2)
+    failed: list = []
+
+    def writer(fd):
+        while (item := pending.get()) is not None:
+            if not failed:
+                try:
+                    _pwrite_all(fd, *item)
+                except OSError as e:
+                    failed.append(e)
+
+    fd = os.open(path, os.O_WRONLY)
+    thread = threading.Thread(target=writer, args=(fd,), daemon=True)
+    thread.start()
+    try:
+        for (name, meta), offset in zip(tensors, offsets):
+            t = produce(name)
+            if t.shape != meta.shape or t.dtype != meta.dtype:
+                raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned "
+                                 f"{tuple(meta.shape)} {meta.dtype}")
+            if failed:
+                break
+            pending.put((t, offset))
+            del t
+    finally:
+        pending.put(None)
+        thread.join()
+        os.close(fd)
+    if failed:
+        raise failed[0]
 
 
 def _megatron_arg_types() -> list:

@@ -236,18 +236,21 @@ def test_unsupported_configs_are_named(small_hf, tmp_path, capsys, change, match
 
 
 def test_interrupt_leaves_nothing(small_hf, tmp_path, monkeypatch):
+    """Ctrl-C while a rank file is half written (its writer thread busy) removes everything."""
     calls = {"n": 0}
-    real = convert.megatron_rank_state
+    real = convert.layout.shard_from_hf
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
+    def flaky(spec, get, *a, **k):
+        if not isinstance(getattr(get, "__self__", None), convert._Shapes):  # real reads only
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real(spec, get, *a, **k)
 
-    monkeypatch.setattr(convert, "megatron_rank_state", flaky)
+    monkeypatch.setattr(convert.layout, "shard_from_hf", flaky)
     assert main(["hf-to-megatron", "--hf-dir", str(small_hf), "--save", str(tmp_path / "m"),
                  "--tensor-model-parallel-size", "2"]) == 130
+    assert calls["n"] == 3
     assert list(tmp_path.iterdir()) == []
 
 
