@@ -194,7 +194,7 @@ def release_pages(t: torch.Tensor) -> None:
 
 
 def _pwrite_all(fd: int, t: torch.Tensor, offset: int) -> None:
-    buf = memoryview(t.contiguous().view(torch.uint8).numpy())
+    buf = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
     while len(buf):  # one write moves at most ~2 GiB on Linux
         n = os.pwrite(fd, buf, offset)
         buf, offset = buf[n:], offset + n
