@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -259,7 +260,9 @@ def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optiona
     # to 3/4, one layer dropped. The copy baseline for it is cp of the TP4 input.
     scores = work / f"{name}-scores.pt"
     random_scores(cfg, 0).save(scores)
-    heads = cfg.num_attention_heads * 3 // 4
+    # 3/4 of the heads, kept a multiple of the KV groups (GQA) and of TP (MHA: 40 -> 28 at 13B)
+    step = 4 if cfg.num_query_groups == cfg.num_attention_heads else math.lcm(4, cfg.num_query_groups)
+    heads = cfg.num_attention_heads * 3 // 4 // step * step
     pruned = work / f"{name}-pruned"
     run("prune TP4 (scores given)", ["prune", "--load", str(tp4), "--save", str(pruned),
                                      "--num-attention-heads-remain", str(heads),

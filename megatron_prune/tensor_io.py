@@ -82,12 +82,20 @@ class SafetensorsReader:
             dim = None  # already sliced
         if hi == lo:
             return torch.empty(shape, dtype=dtype)
-        # A fresh, page-aligned map per read: unmapped when we return, so nothing stays resident.
         off = self.base + lo
+        if dim != 1:  # contiguous bytes: one read into the result (kernel readahead, as cp)
+            out = torch.empty(shape, dtype=dtype)
+            with open(self.path, "rb", buffering=0) as f:
+                _pread_into(f.fileno(), out, off)
+            return out
+        # Columns: a fresh, page-aligned map per read, unmapped when we return (nothing stays
+        # resident), read ahead as a whole since every row of it is touched.
         aligned = off - off % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f, \
                 mmap.mmap(f.fileno(), hi - lo + off - aligned, offset=aligned,
                           access=mmap.ACCESS_READ) as m:
+            if hasattr(m, "madvise"):
+                m.madvise(mmap.MADV_WILLNEED)
             raw = np.frombuffer(m, dtype=np.uint8, count=hi - lo, offset=off - aligned)
             if dim == 1:  # copy only the wanted columns' bytes of each row
                 end = shape[1] if end is None else end
@@ -191,6 +199,16 @@ def release_pages(t: torch.Tensor) -> None:
     # Pages at the edges may hold a neighbour's bytes: that is fine, a private read-only mapping
     # simply faults them back in from the file when touched again.
     _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _pread_into(fd: int, t: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous tensor `t` with the file's bytes from `offset` (short reads: retried)."""
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise CheckpointReadError(f"unexpected end of file at byte {offset}")
+        buf, offset = buf[n:], offset + n
 
 
 def _pwrite_all(fd: int, t: torch.Tensor, offset: int) -> None:
