@@ -141,7 +141,7 @@ class SafetensorsWriter:
             if not self._failed and t.numel():
                 try:
                     self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-                except OSError as e:
+                except Exception as e:  # kept draining: write() must never block on put
                     self._failed.append(e)
 
     def write(self, name, tensor: torch.Tensor):
@@ -257,7 +257,7 @@ def save_streamed(path, head: dict, key: str, plan: List[Tuple[str, Optional[tor
             if not failed:
                 try:
                     _pwrite_all(fd, *item)
-                except OSError as e:
+                except Exception as e:  # kept draining: the producer must never block on put
                     failed.append(e)
 
     fd = os.open(path, os.O_WRONLY)

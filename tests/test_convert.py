@@ -276,3 +276,33 @@ def test_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_save_streamed_is_what_torch_save_writes(tmp_path):
+    """tensor_io.save_streamed: torch.load gives back every tensor (views, a 0-dim tensor, mixed
+    dtypes) and the None entries, as from torch.save of the whole dict."""
+    from megatron_prune import tensor_io
+    base = torch.randn(8, 6)
+    made = {"a": base[:, 2:4], "b": torch.tensor(3.5, dtype=torch.bfloat16), "c": None,
+            "d": torch.arange(7, dtype=torch.int64), "e": torch.zeros(0, 3)}
+    plan = [(n, None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta"))
+            for n, t in made.items()]
+    tensor_io.save_streamed(tmp_path / "x.pt", {"iteration": 3}, "model", plan,
+                            lambda n: made[n])
+    back = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert back["iteration"] == 3 and list(back["model"]) == list(made)
+    for n, t in made.items():
+        assert (back["model"][n] is None) if t is None else torch.equal(back["model"][n], t)
+
+
+def test_save_streamed_surfaces_a_failed_write(tmp_path, monkeypatch):
+    """An error in the writer thread is raised to the caller (which never blocks on it)."""
+    from megatron_prune import tensor_io
+
+    def boom(fd, t, offset):
+        raise ValueError("disk on fire")
+
+    monkeypatch.setattr(tensor_io, "_pwrite_all", boom)
+    plan = [(f"t{i}", torch.empty(4, 4, device="meta")) for i in range(8)]
+    with pytest.raises(ValueError, match="disk on fire"):
+        tensor_io.save_streamed(tmp_path / "x.pt", {}, "model", plan, lambda n: torch.ones(4, 4))
