@@ -338,7 +338,15 @@ def main():
     ap.add_argument("--70b-layers", dest="wide_layers", type=int, default=None,
                     help=f"layers of {WIDE} (default {SHAPES[WIDE]['num_layers']}): about 1.7 GB "
                          "each; the run needs about twice the model free on disk")
+    ap.add_argument("--make-hf", metavar="DIR", default=None,
+                    help="only write the random HF checkpoint of the one --shapes given into DIR "
+                         "(e.g. to profile an operation on it) and exit")
     args = ap.parse_args()
+    if args.make_hf:
+        if len(args.shapes) != 1:
+            ap.error("--make-hf takes exactly one --shapes")
+        make_random_hf(ModelConfig(**SHAPES[args.shapes[0]]), Path(args.make_hf))
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []

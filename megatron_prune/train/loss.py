@@ -129,7 +129,6 @@ class _FusedOutputLoss(torch.autograd.Function):
             if need_grad:
                 grad_h[s:e] = g @ w
                 addmm_into(grad_w, g.t(), hc)   # fp32 accumulation, no bf16 chunk partials
-        ctx.spec = spec
         ctx.save_for_backward(grad_h, grad_w, weight)
         loss_sum, ce_sum, kd_sum = sums.unbind()
         ctx.mark_non_differentiable(ce_sum, kd_sum)

@@ -90,6 +90,8 @@ class Trainer:
             raise ConfigError("--bf16 needs CUDA (fp32 main weights live in megatron-core's "
                               "GPU optimizer); train in fp32 on the CPU")
         self.dtype = torch.bfloat16 if args.training.bf16 else torch.float32
+        # the compiled loss passes and torch's fused AdamW, with the other fused kernels
+        self.fused = args.model.fused_kernels and fusions.wanted()
         self._resolve_source()
         self._build_model()
         self._build_optimizer()
@@ -206,7 +208,7 @@ class Trainer:
         a, c = self.args, self.args.checkpoint
         self.optimizer = build_optimizer(self.ddp, a.optim, self.cfg, bf16=a.training.bf16,
                                          dtype=self.dtype, distributed=self.distributed_optimizer,
-                                         fused=a.model.fused_kernels and fusions.wanted())
+                                         fused=self.fused)
         self.scheduler = build_scheduler(self.optimizer, a.optim,
                                          train_samples=self.plan.train_samples,
                                          global_batch=self.plan.global_batch)
@@ -246,7 +248,7 @@ class Trainer:
                                       chunk_tokens=a.model.loss_chunk_tokens,
                                       kd_alpha=a.distill.kd_alpha if self.teacher else 0.0,
                                       temperature=a.distill.kd_temperature, group=tp_group,
-                                      compiled=a.model.fused_kernels and fusions.wanted())
+                                      compiled=self.fused)
 
     def _hidden_pairs(self, teacher_cfg) -> tuple:
         """The compared layer pairs, the prune plan that maps them, and the teacher's layers
