@@ -50,9 +50,13 @@ def variants(kd_budgets: List[str], scratch_budgets: List[str], teacher_tokens: 
 
 
 def curve(ev: dict, run: str, tokens_of) -> List[Tuple[int, float]]:
-    """[(tokens, held-out books ppl)] of a curve's finished runs, fewest tokens first."""
-    pts = [(tokens_of(n), e["books"]) for n, e in ev.items() if n.startswith(run + "@teacher")]
-    return sorted(pts)
+    """[(tokens, held-out books ppl)] of a curve's finished runs, fewest tokens first: its
+    budgets, and the run at the recovery budget itself where it ran (the full recovery that
+    LoRA is compared with is a point of the distillation curve). No budgets, no curve: the
+    goal runs' report has no efficiency section."""
+    budgets = [n for n in ev if n.startswith(run + "@teacher")]
+    names = budgets + ([run] if budgets and run in ev else [])
+    return sorted({(tokens_of(n), ev[n]["books"]) for n in names})
 
 
 def tokens_at(points: List[Tuple[int, float]], ppl: float) -> Tuple[Optional[float], str]:

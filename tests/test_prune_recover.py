@@ -199,6 +199,12 @@ def test_token_ratio_is_interpolated_never_extrapolated():
     lines = te.lines(ev, tokens.get, teacher_tokens=96000)
     assert verdicts.check_section(lines, "efficiency") == []
     assert lines[-1].endswith("| > 0.016 M vs 0.0002 M: 80.0× | yes |")
+    # the full recovery at the recovery budget (LoRA's comparison) is a point of the KD curve;
+    # LoRA's own run is not
+    ev.update({"activation_kd": {"books": 20.0}, "activation_kd@lora4": {"books": 21.0}})
+    tokens.update({"activation_kd": 16000, "activation_kd@lora4": 16000})
+    assert [t for t, _ in te.curve(ev, te.KD_RUN, tokens.get)] == [100, 200, 16000]
+    assert len(te.rows(ev, tokens.get)) == 3
 
 
 @pytest.mark.slow
