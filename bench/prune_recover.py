@@ -223,6 +223,15 @@ class Runner:
         return _Stage()
 
 
+def _default_jobs(efficiency: bool, n: int) -> int:
+    """Recoveries at a time on one GPU: the goal runs 3; the efficiency sweep all of them (its
+    students are small and their steps CPU-bound, so a dozen share an H200 with the longest
+    run the only one that sets the stage's time: docs/benchmarks.md)."""
+    if not _cuda():
+        return 1
+    return max(1, n) if efficiency else 3
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -951,7 +960,8 @@ def parse_args(argv=None):
     ap.add_argument("--kd-methods", default=",".join(METHODS),
                     help="methods recovered with distillation too (default: all)")
     ap.add_argument("--jobs", type=int, default=None,
-                    help="recovery runs at once on each GPU (default 3 on CUDA, 1 on CPU)")
+                    help="recovery runs at once on each GPU (default on CUDA: 3, with --efficiency all of "
+                         "them; 1 on CPU)")
     ap.add_argument("--gpus", type=int, default=None,
                     help="GPUs to spread importance and recovery runs over, one job list per "
                          "GPU (default: all the machine has); the teacher trains on one")
@@ -988,9 +998,9 @@ def parse_args(argv=None):
                          "activation + distillation at --kd-budgets and random init at "
                          "--scratch-budgets (fractions of the teacher's tokens), and the token "
                          "ratio at equal held-out perplexity")
-    ap.add_argument("--kd-budgets", default="1/96,1/48,1/24", metavar="F[,F...]",
+    ap.add_argument("--kd-budgets", default="1/384,1/192,1/96,1/48,1/24", metavar="F[,F...]",
                     help="--efficiency: distillation budgets, fractions of the teacher's tokens")
-    ap.add_argument("--scratch-budgets", default="1/24,1/12,1/6,1/3", metavar="F[,F...]",
+    ap.add_argument("--scratch-budgets", default="1/48,1/24,1/12,1/6,1/3", metavar="F[,F...]",
                     help="--efficiency: random-init budgets, fractions of the teacher's tokens "
                          "(up to the largest that fits; later calls with --reuse may add more)")
     ap.add_argument("--reuse", action="store_true",
@@ -1133,7 +1143,7 @@ def main(argv=None) -> int:
         scorer.start()
         deadline = t_start + a.time_budget if a.time_budget else None
         skipped = r.run_many({n: v for n, v in jobs.items() if n not in finished},
-                             parallel=a.jobs or (3 if _cuda() else 1),
+                             parallel=a.jobs or _default_jobs(a.efficiency, len(jobs)),
                              optional=tuple(optional), deadline=deadline)
     with r.stage("evaluate"):
         scorer.join()
