@@ -115,7 +115,8 @@ def drop_caches() -> bool:
 
 def timed(argv: list) -> tuple:
     drop_caches()
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     r = subprocess.run([sys.executable, "-c", RUNNER] + argv, capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{argv} failed:\n{r.stderr[-3000:]}")
@@ -187,7 +188,8 @@ def timed_peer(hf: Path, out: Path, tp: int, pp: int, max_rss: int, log: Path) -
 
 
 # ---------------------------------------------------------------------------- the operations
-def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optional[int]) -> list:
+def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optional[int],
+                hf_to_megatron_only: bool = False) -> list:
     kw = dict(SHAPES[name])
     if layers:
         kw["num_layers"] = layers
@@ -242,6 +244,14 @@ def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optiona
     # as the input of hf-to-megatron TP4, whose shards feed reshard and prune.
     copy = work / f"{name}-copy"
     run("cp -r (baseline)", ["cp", str(hf), str(copy)], copy)
+    if hf_to_megatron_only:  # the operation Megatron-LM's converter does, and nothing else
+        to_megatron(4, 1)
+        to_megatron(2, 2)
+        shutil.rmtree(hf)
+        for r in rows:
+            r["x_copy"] = r["seconds"] / rows[0]["seconds"]
+            r["rss_goal"] = r["largest_out_file"] + 2**30
+        return rows
     if name == WIDE:
         to_megatron(8, 1)
     tp2pp2 = to_megatron(2, 2, keep=True)
@@ -338,6 +348,9 @@ def main():
     ap.add_argument("--70b-layers", dest="wide_layers", type=int, default=None,
                     help=f"layers of {WIDE} (default {SHAPES[WIDE]['num_layers']}): about 1.7 GB "
                          "each; the run needs about twice the model free on disk")
+    ap.add_argument("--hf-to-megatron-only", action="store_true",
+                    help="only cp and hf-to-megatron TP4 and TP2·PP2 (with --peer, Megatron-LM's "
+                         "converter beside each): the side-by-side comparison alone")
     ap.add_argument("--make-hf", metavar="DIR", default=None,
                     help="only write the random HF checkpoint of the one --shapes given into DIR "
                          "(e.g. to profile an operation on it) and exit")
@@ -352,7 +365,7 @@ def main():
     rows = []
     for s in args.shapes:
         rows += bench_shape(s, work, args.peer, int(args.peer_max_rss * 2**30),
-                            args.wide_layers if s == WIDE else None)
+                            args.wide_layers if s == WIDE else None, args.hf_to_megatron_only)
         if args.json:  # after every shape, so a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(rows, indent=2))
     print()
