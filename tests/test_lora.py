@@ -1,7 +1,8 @@
 """LoRA in the trainer (`--lora-rank`), on CPU over gloo with the real megatron-core.
 
 The runs are those of tests/test_train.py (stories260K converted to Megatron, Shakespeare),
-with adapters of rank 4 on all four linear layers: TP=2 equals TP=1, only adapters move, the
+with adapters of rank 4 on all four linear layers: TP=2 and DP=2 equal one process (and the
+distributed optimizer, megatron-core's CUDA one, is refused on the CPU), only adapters move, the
 merged checkpoint exports to a transformers Llama that computes what the trainer's unmerged
 model computes, resume reproduces the uninterrupted run, distillation works, and what LoRA
 does not combine with is refused.
@@ -100,6 +101,71 @@ def test_tp2_equals_tp1(lora_run, stories_tp1, shakespeare, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+
+
+
+def _assert_base_unchanged_and_adapters_close(saved: dict, src: dict, ref: dict,
+                                              atol: float = 1e-5) -> None:
+    """`saved` (rank file of a parallel run): the base weights bit-identical to the start
+    checkpoint's, and the adapters and merged weights within `atol` of `ref`'s (the 1-process
+    run's) -- the same update, summed in another order."""
+    lora, ref_lora = saved["lora"], ref["lora"]
+    assert lora["base"].keys() == ref_lora["base"].keys() and len(lora["base"]) == 5 * 4
+    for path, base in lora["base"].items():
+        assert torch.equal(base, src[path + ".weight"]), path
+        for name in ("lora_a", "lora_b"):
+            torch.testing.assert_close(lora["adapters"][path][name],
+                                       ref_lora["adapters"][path][name], rtol=0, atol=atol,
+                                       msg=f"{path}.{name}")
+    for name, value in saved["model"].items():
+        if not torch.is_tensor(value):
+            continue  # _extra_state
+        if name.removesuffix(".weight") in lora["base"]:
+            torch.testing.assert_close(value, ref["model"][name], rtol=0, atol=atol, msg=name)
+        else:
+            assert torch.equal(value, src[name]), name  # untargeted: frozen, bit for bit
+
+
+def test_dp2_equals_dp1(lora_run, stories_tp1, shakespeare, tmp_path):
+    """DP=2 over 2 gloo processes at the same global batch (8 = micro 2 x 2 accumulation x
+    DP 2, against 2 x 4 in one process): megatron DDP's buffers hold the adapters' gradients
+    alone, and their all-reduce (averaged over DP) makes the 1-process update. The same
+    samples, losses within CURVE_RTOL (rel. 1e-5, as TP=2; fp32 sums in another order), grad
+    norms within rel. 1e-4 and LRs equal (`assert_same_curve`); the base weights come back
+    bit-identical and the adapters and merged weights within 1e-5 of the 1-process ones (seen:
+    3e-7 and 1e-7; the losses part by ~1e-7, the size of the TP=2 gap). Without the all-reduce
+    each rank would step on its own half-batch gradient: from iteration 1 the logged grad norm
+    (rank 0's half) is not the full batch's, from iteration 3 (the LR is 0 at iteration 1,
+    warmup) the losses part, and the ranks' adapters drift apart."""
+    proc = ok(run_train(2, *lora_flags(stories_tp1, shakespeare, tmp_path, "dp2"),
+                        "--save", tmp_path / "save"))
+    assert "TP=1 PP=1 DP=2" in proc.stdout and "micro 2 x 2 accumulation x DP 2" in proc.stdout
+    assert "LoRA rank 4" in proc.stdout
+    one, two = records(lora_run / "lora.jsonl"), records(tmp_path / "dp2.jsonl")
+    assert_same_curve(one, two)
+    assert two[-1]["loss"] < two[0]["loss"]  # it trains
+    saved = _rank_file(tmp_path / "save")
+    assert len(saved["optimizer"]["optimizer"]["state"]) == 2 * 5 * 4  # adapters only
+    _assert_base_unchanged_and_adapters_close(saved, _source_by_local_name(stories_tp1),
+                                              _rank_file(lora_run / "save"))
+
+
+def test_dp2_with_distributed_optimizer_refused_on_cpu(stories_tp1, shakespeare, tmp_path):
+    """`--use-distributed-optimizer` is megatron-core's optimizer, which allocates CUDA
+    tensors; on the CPU the trainer steps torch's AdamW over megatron DDP's buffers instead
+    (train/optim.py), with LoRA or without. So LoRA at DP=2 with it is refused on the CPU with
+    the reason, on every rank, before any iteration (exit code 2 from each worker), and the
+    run's log stays empty. (With CUDA it is the default optimizer; no CPU test can run it.)"""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the distributed optimizer is megatron-core's and is not refused")
+    proc = run_train(2, *lora_flags(stories_tp1, shakespeare, tmp_path, "dopt"),
+                     "--use-distributed-optimizer")
+    assert proc.returncode != 0
+    assert proc.stderr.count("--use-distributed-optimizer needs CUDA") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "dopt.jsonl").exists() or not records(tmp_path / "dopt.jsonl")
+    proc = run_train(1, *lora_flags(stories_tp1, shakespeare, tmp_path, "dopt"),
+                     "--use-distributed-optimizer")
+    assert proc.returncode == 2 and "--use-distributed-optimizer needs CUDA" in proc.stderr
 
 
 def _export(ckpt: Path, out: Path) -> Path:
