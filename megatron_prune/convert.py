@@ -70,7 +70,10 @@ class MegatronSource:
             self._pieces = None
             self._pieces = self.ckpt.read_pieces(spec, layer, key[2])
             self._pieces_key = key
-        return torch.cat([self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover], dim)
+        parts = [self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover]
+        # one rank covers it (a balanced prune, TP unchanged): a view, copied once by whoever
+        # selects or fuses it next (or by the writer thread), not here as well
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 class HFSource:
