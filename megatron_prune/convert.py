@@ -108,6 +108,9 @@ class HFSource:
     def group(self, spec, layer) -> dict:
         return {n: self.ckpt.get(n) for n in spec.hf_names(layer)}
 
+    def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
+        self.ckpt.read_rows_into(name, start, end, out)
+
 
 def open_source(path):
     """An HF directory (has config.json) or a Megatron checkpoint (has the tracker file)."""
@@ -143,13 +146,42 @@ class _Shapes:
         return torch.empty(shape, dtype=self.source.dtype, device="meta")
 
 
+def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
+                divisible_by: int) -> Optional[torch.Tensor]:
+    """Rank's shard of a fused row-split parameter (QKV, gate/up) with each run of rows read
+    straight into it (`layout.fused_row_blocks`), instead of reading the parts and copying them
+    into one with torch.cat; None where the source cannot (not an HF directory) or the
+    parameter is not such a fusion."""
+    names = spec.hf_names(layer)
+    if not hasattr(source, "read_rows_into") or spec.split_dim != 0 or spec.vocab or \
+            len(names) < 2:
+        return None
+    spans = [layout.chunk_range(spec, source.shape(n)[0], tp, tp_rank, cfg, divisible_by)
+             for n in names]
+    cols = {tuple(source.shape(n)[1:]) for n in names}
+    dtypes = {source.ckpt.dtype(n) for n in names}
+    if len(cols) != 1 or len(dtypes) != 1:  # torch.cat would promote: leave it to that path
+        return None
+    out = torch.empty((sum(e - s for s, e in spans), *cols.pop()), dtype=dtypes.pop())
+    for part, row, dst, n in layout.fused_row_blocks(spec, [e - s for s, e in spans], cfg, tp):
+        first = spans[part][0] + row
+        source.read_rows_into(names[part], first, first + n, out[dst:dst + n])
+    return out
+
+
 def rank_plan(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_rank: int,
               ranges, dtype: torch.dtype, divisible_by: int) -> list:
     """[(name, make)] of one legacy rank file's model state, in order: make() builds the
     tensor from `source` (None for the `_extra_state` entries, which are None)."""
+    def make(e):
+        fused = _read_fused(source, e.spec, cfg, tp, tp_rank, e.layer, divisible_by)
+        if fused is None:
+            fused = layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank,
+                                         e.layer, divisible_by)
+        return fused.to(dtype)
+
     def maker(e):
-        return lambda: layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank,
-                                            e.layer, divisible_by).to(dtype)
+        return lambda: make(e)
     plan = [(e.name, maker(e)) for e in layout.stage_entries(cfg, impl, pp_rank, ranges)]
     # what mcore's own modules save; TE accepts None as "no FP8 state"
     return plan + [(n, None) for n in layout.extra_state_names(impl, pp_rank, ranges)]

@@ -67,6 +67,15 @@ class HFCheckpoint:
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
         return self._lookup(name).get(name, dim, start, end)
 
+    def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
+        """Rows [start, end) of `name` into `out`: straight from a safetensors file, else
+        (a .bin) read and copied."""
+        reader = self._lookup(name)
+        if hasattr(reader, "read_rows_into"):
+            reader.read_rows_into(name, start, end, out)
+        else:
+            out.copy_(reader.get(name, 0, start, end))
+
     def check_complete(self, names: Iterable[str]) -> None:
         """Every needed tensor exists, and every file holding one is present and readable."""
         missing = [n for n in names if n not in self.where]

@@ -94,6 +94,25 @@ def fuse(spec: ParamSpec, parts: Sequence[torch.Tensor], cfg: ModelConfig, tp: i
     return t
 
 
+def fused_row_blocks(spec: ParamSpec, rows: Sequence[int], cfg: ModelConfig,
+                     tp: int = 1) -> list:
+    """Where `fuse` puts the rows of its parts, as [(part, first source row, first fused row,
+    rows)] runs, for parts of `rows[j]` rows each: found by fusing one-column tensors of row
+    ids, so it is `fuse`'s own layout and not a second copy of it. Lets a reader put each run
+    straight into the fused tensor instead of reading the parts and concatenating them."""
+    ids = [torch.arange(n, dtype=torch.int64).mul_(len(rows)).add_(j).reshape(n, 1)
+           for j, n in enumerate(rows)]
+    order = fuse(spec, ids, cfg, tp).reshape(-1).tolist()
+    blocks = []
+    for dst, code in enumerate(order):
+        part, row = code % len(rows), code // len(rows)
+        if blocks and blocks[-1][0] == part and blocks[-1][1] + blocks[-1][3] == row:
+            blocks[-1][3] += 1
+        else:
+            blocks.append([part, row, dst, 1])
+    return [tuple(b) for b in blocks]
+
+
 def unfuse(spec: ParamSpec, tensor: torch.Tensor, cfg: ModelConfig, tp: int = 1) -> list:
     """Inverse of `fuse`, for a full tensor (tp=1) or one rank's shard."""
     if spec is QKV:

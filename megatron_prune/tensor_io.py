@@ -108,6 +108,21 @@ class SafetensorsReader:
         return torch.from_numpy(raw_part).view(dtype).reshape(shape)
 
 
+    def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
+        """Rows [start, end) of a tensor read straight into `out` (contiguous, of their shape
+        and dtype): the fused tensors of hf-to-megatron are filled this way, run by run."""
+        e = self.entries[name]
+        shape = list(e["shape"])
+        if (not out.is_contiguous() or out.dtype != ST_DTYPES[e["dtype"]]
+                or list(out.shape) != [end - start] + shape[1:]):
+            raise ValueError(f"{name}: rows {start}:{end} cannot fill {tuple(out.shape)} "
+                             f"{out.dtype}")
+        if out.numel():
+            row = out.element_size() * int(np.prod(shape[1:], dtype=np.int64))
+            with open(self.path, "rb", buffering=0) as f:
+                _pread_into(f.fileno(), out, self.base + e["data_offsets"][0] + start * row)
+
+
 class SafetensorsWriter:
     """Write tensors in a planned order; the header is written first from (name, shape, dtype).
     A writer thread writes each tensor's bytes (no copy of them) while the caller builds the

@@ -101,6 +101,44 @@ def test_shards_follow_megatron_layout(tmp_path):
     assert torch.equal(r1["decoder.layers.0.self_attention.linear_proj.weight"], o[:, 32:])
 
 
+@pytest.mark.parametrize("kind", ["bin", "mixed_dtype"])
+def test_fused_reads_fall_back_where_they_cannot_read_in_place(tmp_path, kind, monkeypatch):
+    """hf-to-megatron reads QKV and gate/up row runs straight into the fused tensor from
+    safetensors; a .bin checkpoint (read, then copied in) and parts of different dtypes (left
+    to torch.cat) give the same rank files as the concatenating path."""
+    hf = make_hf_llama(tmp_path / "hf", num_attention_heads=8, num_key_value_heads=4)
+    if kind == "bin":
+        state = hf_tensors(hf)
+        for f in hf.glob("model*.safetensors*"):
+            f.unlink()
+        torch.save(state, hf / "pytorch_model.bin")
+    else:
+        from safetensors.torch import load_file, save_file
+        for f in hf.glob("model*.safetensors"):
+            state = load_file(f)
+            for name in state:
+                if name.endswith("up_proj.weight") or name.endswith("k_proj.weight"):
+                    state[name] = state[name].to(torch.bfloat16).to(torch.float32)
+                elif "layernorm" not in name and "norm" not in name:
+                    state[name] = state[name].to(torch.bfloat16)
+            save_file(state, f, metadata={"format": "pt"})
+    fast = convert.hf_to_megatron(hf, tmp_path / "fast", tp=2, pp=1) and tmp_path / "fast"
+    monkeypatch.setattr(convert, "_read_fused", lambda *a, **k: None)  # torch.cat only
+    convert.hf_to_megatron(hf, tmp_path / "cat", tp=2, pp=1)
+    assert_same_checkpoint(fast, tmp_path / "cat")
+
+
+def test_fused_reads_equal_concatenation(hf_model, tmp_path, monkeypatch):
+    """The in-place reads give the same rank files as reading the parts and concatenating
+    them, bit for bit, at TP 1, 2 and 4 (GQA, MHA, fp32 and bf16)."""
+    for tp in (1, 2, 4):
+        convert.hf_to_megatron(hf_model, tmp_path / f"fast{tp}", tp=tp, pp=1)
+    monkeypatch.setattr(convert, "_read_fused", lambda *a, **k: None)
+    for tp in (1, 2, 4):
+        convert.hf_to_megatron(hf_model, tmp_path / f"cat{tp}", tp=tp, pp=1)
+        assert_same_checkpoint(tmp_path / f"fast{tp}", tmp_path / f"cat{tp}")
+
+
 def test_reshard_chain_equals_direct_conversion(tmp_path):
     hf = make_hf_llama(tmp_path / "hf", num_hidden_layers=4, tie_word_embeddings=True)
     convert.hf_to_megatron(hf, tmp_path / "tp4", tp=4, pp=1)

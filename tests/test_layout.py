@@ -86,3 +86,22 @@ def test_layer_spec_of_names_in_both_layer_specs():
     for spec in (layout.EMBEDDING, layout.FINAL_NORM, layout.OUTPUT):
         assert layout.layer_spec_of(spec.name(layout.TE)) is None
     assert layout.layer_spec_of("decoder.layers.0.mlp.linear_fc1._extra_state") is None
+
+
+@pytest.mark.parametrize("heads,groups,tp", [(8, 4, 1), (8, 4, 2), (8, 8, 4), (16, 2, 2)])
+def test_fused_row_blocks_reproduce_fuse(heads, groups, tp):
+    """Filling a tensor run by run from `fused_row_blocks` gives exactly `fuse` of the parts,
+    for QKV (GQA and MHA) and gate/up, at each TP."""
+    cfg = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=96, num_attention_heads=heads,
+                      num_query_groups=groups, head_dim=8, vocab_size=128, tie_embeddings=False)
+    g = torch.Generator().manual_seed(0)
+    for spec in (layout.QKV, layout.FC1):
+        rows = [layout.hf_shape(spec, j, cfg)[0] // tp for j in range(len(spec.hf_names(0)))]
+        parts = [torch.randn(n, 5, generator=g) for n in rows]
+        out = torch.full((sum(rows), 5), float("nan"))
+        blocks = layout.fused_row_blocks(spec, rows, cfg, tp)
+        for part, row, dst, n in blocks:
+            out[dst:dst + n] = parts[part][row:row + n]
+        assert torch.equal(out, layout.fuse(spec, parts, cfg, tp))
+        # runs, not rows: QKV gives three per group, gate/up two
+        assert len(blocks) == (3 * groups // tp if spec is layout.QKV else 2)
