@@ -108,6 +108,9 @@ class HFSource:
     def group(self, spec, layer) -> dict:
         return {n: self.ckpt.get(n) for n in spec.hf_names(layer)}
 
+    def dtype_of(self, name) -> torch.dtype:
+        return self.ckpt.dtype(name)
+
     def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
         self.ckpt.read_rows_into(name, start, end, out)
 
@@ -159,7 +162,7 @@ def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
     spans = [layout.chunk_range(spec, source.shape(n)[0], tp, tp_rank, cfg, divisible_by)
              for n in names]
     cols = {tuple(source.shape(n)[1:]) for n in names}
-    dtypes = {source.ckpt.dtype(n) for n in names}
+    dtypes = {source.dtype_of(n) for n in names}
     if len(cols) != 1 or len(dtypes) != 1:  # torch.cat would promote: leave it to that path
         return None
     out = torch.empty((sum(e - s for s, e in spans), *cols.pop()), dtype=dtypes.pop())

@@ -107,7 +107,6 @@ class SafetensorsReader:
             del raw
         return torch.from_numpy(raw_part).view(dtype).reshape(shape)
 
-
     def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
         """Rows [start, end) of a tensor read straight into `out` (contiguous, of their shape
         and dtype): the fused tensors of hf-to-megatron are filled this way, run by run."""
