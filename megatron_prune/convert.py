@@ -150,11 +150,11 @@ class _Shapes:
 
 
 def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
-                divisible_by: int) -> Optional[torch.Tensor]:
+                divisible_by: int, blocks: dict) -> Optional[torch.Tensor]:
     """Rank's shard of a fused row-split parameter (QKV, gate/up) with each run of rows read
     straight into it (`layout.fused_row_blocks`), instead of reading the parts and copying them
     into one with torch.cat; None where the source cannot (not an HF directory) or the
-    parameter is not such a fusion."""
+    parameter is not such a fusion. `blocks` caches the runs (every layer has the same)."""
     names = spec.hf_names(layer)
     if not hasattr(source, "read_rows_into") or spec.split_dim != 0 or spec.vocab or \
             len(names) < 2:
@@ -166,7 +166,10 @@ def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
     if len(cols) != 1 or len(dtypes) != 1:  # torch.cat would promote: leave it to that path
         return None
     out = torch.empty((sum(e - s for s, e in spans), *cols.pop()), dtype=dtypes.pop())
-    for part, row, dst, n in layout.fused_row_blocks(spec, [e - s for s, e in spans], cfg, tp):
+    rows = tuple(e - s for s, e in spans)
+    if (spec.key, rows) not in blocks:
+        blocks[spec.key, rows] = layout.fused_row_blocks(spec, rows, cfg, tp)
+    for part, row, dst, n in blocks[spec.key, rows]:
         first = spans[part][0] + row
         source.read_rows_into(names[part], first, first + n, out[dst:dst + n])
     return out
@@ -176,8 +179,10 @@ def rank_plan(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_ran
               ranges, dtype: torch.dtype, divisible_by: int) -> list:
     """[(name, make)] of one legacy rank file's model state, in order: make() builds the
     tensor from `source` (None for the `_extra_state` entries, which are None)."""
+    blocks: dict = {}
+
     def make(e):
-        fused = _read_fused(source, e.spec, cfg, tp, tp_rank, e.layer, divisible_by)
+        fused = _read_fused(source, e.spec, cfg, tp, tp_rank, e.layer, divisible_by, blocks)
         if fused is None:
             fused = layout.shard_from_hf(e.spec, source.get, source.shape, cfg, tp, tp_rank,
                                          e.layer, divisible_by)
