@@ -38,7 +38,7 @@ class MegatronSource:
             for j, n in enumerate(spec.hf_names(layer)):
                 self._where[n] = (spec, layer, j)
         self._group_key, self._group = None, None
-        self._pieces_key, self._pieces = None, None
+        self._pieces_key, self._pieces = None, {}  # one parameter's unfused pieces, by rank
 
     def keys(self):
         return list(self._where)
@@ -55,25 +55,50 @@ class MegatronSource:
             self._group_key = (spec.key, layer)
         return self._group
 
+    def _covering(self, name, dim: int, start: int, end: Optional[int]) -> list:
+        """Views of [start, end) of `name` along its split dim `dim`, one per input rank that
+        holds part of it, in order. Only those ranks' shards are read; a parameter's pieces
+        stay cached by rank until another parameter is asked for."""
+        spec, layer, j = self._where[name]
+        size = self.shape(name)[dim]
+        cover = layout.ranks_covering(spec, size, self.ckpt.tp, self.config,
+                                      self.ckpt.divisible_by, start, end)
+        if self._pieces_key != (spec.key, layer):
+            self._pieces = {}
+            self._pieces_key = (spec.key, layer)
+        missing = tuple(r for r, _, _ in cover if r not in self._pieces)
+        if missing:
+            self._pieces.update(self.ckpt.read_pieces(spec, layer, missing))
+        return [self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover]
+
+    def _row_split(self, name) -> bool:
+        return self._where[name][0].split_dim == 0 and hasattr(self.ckpt, "read_pieces")
+
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
         spec, layer, j = self._where[name]
         if dim is None or dim != spec.split_dim or not hasattr(self.ckpt, "read_pieces"):
             t = self.group(spec, layer)[name]
             end = t.shape[dim or 0] if end is None else end
             return t if dim is None else t.narrow(dim, start, end - start)
-        # Read only the input ranks that hold [start, end) along the split dim.
-        size = self.shape(name)[dim]
-        cover = layout.ranks_covering(spec, size, self.ckpt.tp, self.config,
-                                      self.ckpt.divisible_by, start, end)
-        key = (spec.key, layer, tuple(r for r, _, _ in cover))
-        if self._pieces_key != key:
-            self._pieces = None
-            self._pieces = self.ckpt.read_pieces(spec, layer, key[2])
-            self._pieces_key = key
-        parts = [self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover]
+        parts = self._covering(name, dim, start, end)
         # one rank covers it (a balanced prune, TP unchanged): a view, copied once by whoever
         # selects or fuses it next (or by the writer thread), not here as well
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+    def dtype_of(self, name) -> torch.dtype:
+        return self.dtype
+
+    def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
+        """Rows [start, end) of `name` copied from the input ranks' pieces straight into `out`
+        (reshard fills fused QKV and gate/up this way: no torch.cat of the ranks' pieces and
+        then of the parts)."""
+        if not self._row_split(name):
+            out.copy_(self.get(name, 0, start, end))
+            return
+        pos = 0
+        for part in self._covering(name, 0, start, end):
+            out[pos:pos + part.shape[0]].copy_(part)
+            pos += part.shape[0]
 
 
 class HFSource:

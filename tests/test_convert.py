@@ -130,13 +130,21 @@ def test_fused_reads_fall_back_where_they_cannot_read_in_place(tmp_path, kind, m
 
 def test_fused_reads_equal_concatenation(hf_model, tmp_path, monkeypatch):
     """The in-place reads give the same rank files as reading the parts and concatenating
-    them, bit for bit, at TP 1, 2 and 4 (GQA, MHA, fp32 and bf16)."""
-    for tp in (1, 2, 4):
-        convert.hf_to_megatron(hf_model, tmp_path / f"fast{tp}", tp=tp, pp=1)
+    them, bit for bit: hf-to-megatron at TP 1, 2 and 4, and reshard from TP 4 to 2 (two input
+    ranks per output rank), 2 to 4 (half of one) and 4 to 2·PP2 (GQA, MHA, fp32 and bf16)."""
+    reshards = {"tp2": dict(tp=2), "tp2pp2": dict(tp=2, pp=2)}
+
+    def run(tag):
+        for tp in (1, 2, 4):
+            convert.hf_to_megatron(hf_model, tmp_path / f"{tag}{tp}", tp=tp, pp=1)
+        for name, kw in reshards.items():
+            convert.reshard(tmp_path / f"{tag}4", tmp_path / f"{tag}-{name}", **kw)
+        convert.reshard(tmp_path / f"{tag}2", tmp_path / f"{tag}-tp4", tp=4)
+    run("fast")
     monkeypatch.setattr(convert, "_read_fused", lambda *a, **k: None)
-    for tp in (1, 2, 4):
-        convert.hf_to_megatron(hf_model, tmp_path / f"cat{tp}", tp=tp, pp=1)
-        assert_same_checkpoint(tmp_path / f"fast{tp}", tmp_path / f"cat{tp}")
+    run("cat")
+    for out in ("1", "2", "4", "-tp2", "-tp2pp2", "-tp4"):
+        assert_same_checkpoint(tmp_path / f"fast{out}", tmp_path / f"cat{out}")
 
 
 def test_reshard_chain_equals_direct_conversion(tmp_path):
