@@ -248,10 +248,7 @@ def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optiona
         to_megatron(4, 1)
         to_megatron(2, 2)
         shutil.rmtree(hf)
-        for r in rows:
-            r["x_copy"] = r["seconds"] / rows[0]["seconds"]
-            r["rss_goal"] = r["largest_out_file"] + 2**30
-        return rows
+        return _ratios(rows, tp4_copy=None)
     if name == WIDE:
         to_megatron(8, 1)
     tp2pp2 = to_megatron(2, 2, keep=True)
@@ -286,8 +283,13 @@ def bench_shape(name: str, work: Path, peer: bool, max_rss: int, layers: Optiona
     run("cp -r of the TP4 input", ["cp", str(tp4), str(copy4)], copy4)
     scores.unlink()
     shutil.rmtree(tp4)
+    return _ratios(rows, next(r["seconds"] for r in rows if r["op"] == "cp -r of the TP4 input"))
+
+
+def _ratios(rows: list, tp4_copy: Optional[float]) -> list:
+    """Each row's time against its copy baseline (reshard and prune: cp of the TP4 input; the
+    rest: cp of the HF directory, the first row) and its peak-RSS goal."""
     base = rows[0]["seconds"]
-    tp4_copy = next(r["seconds"] for r in rows if r["op"] == "cp -r of the TP4 input")
     for r in rows:
         r["x_copy"] = r["seconds"] / (tp4_copy if r["op"].startswith(("prune", "reshard")) else base)
         r["rss_goal"] = r["largest_out_file"] + 2**30

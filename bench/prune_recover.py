@@ -960,8 +960,8 @@ def parse_args(argv=None):
     ap.add_argument("--kd-methods", default=",".join(METHODS),
                     help="methods recovered with distillation too (default: all)")
     ap.add_argument("--jobs", type=int, default=None,
-                    help="recovery runs at once on each GPU (default on CUDA: 3, with --efficiency all of "
-                         "them; 1 on CPU)")
+                    help="recovery runs at once on each GPU (default on CUDA: 3, with "
+                         "--efficiency all of them; 1 on CPU)")
     ap.add_argument("--gpus", type=int, default=None,
                     help="GPUs to spread importance and recovery runs over, one job list per "
                          "GPU (default: all the machine has); the teacher trains on one")

@@ -8,6 +8,7 @@ different sources, and pruning plugs in as one more source.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 from typing import Optional
@@ -71,9 +72,6 @@ class MegatronSource:
             self._pieces.update(self.ckpt.read_pieces(spec, layer, missing))
         return [self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover]
 
-    def _row_split(self, name) -> bool:
-        return self._where[name][0].split_dim == 0 and hasattr(self.ckpt, "read_pieces")
-
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
         spec, layer, j = self._where[name]
         if dim is None or dim != spec.split_dim or not hasattr(self.ckpt, "read_pieces"):
@@ -92,11 +90,12 @@ class MegatronSource:
         """Rows [start, end) of `name` copied from the input ranks' pieces straight into `out`
         (reshard fills fused QKV and gate/up this way: no torch.cat of the ranks' pieces and
         then of the parts)."""
-        if not self._row_split(name):
-            out.copy_(self.get(name, 0, start, end))
-            return
+        if self._where[name][0].split_dim == 0 and hasattr(self.ckpt, "read_pieces"):
+            parts = self._covering(name, 0, start, end)
+        else:  # not split by rows, or a torch_dist checkpoint: the merged tensor's rows
+            parts = [self.get(name, 0, start, end)]
         pos = 0
-        for part in self._covering(name, 0, start, end):
+        for part in parts:
             out[pos:pos + part.shape[0]].copy_(part)
             pos += part.shape[0]
 
@@ -213,9 +212,8 @@ def rank_plan(source, cfg: ModelConfig, impl: str, tp: int, tp_rank: int, pp_ran
                                          e.layer, divisible_by)
         return fused.to(dtype)
 
-    def maker(e):
-        return lambda: make(e)
-    plan = [(e.name, maker(e)) for e in layout.stage_entries(cfg, impl, pp_rank, ranges)]
+    plan = [(e.name, functools.partial(make, e))
+            for e in layout.stage_entries(cfg, impl, pp_rank, ranges)]
     # what mcore's own modules save; TE accepts None as "no FP8 state"
     return plan + [(n, None) for n in layout.extra_state_names(impl, pp_rank, ranges)]
 
