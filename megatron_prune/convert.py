@@ -8,6 +8,7 @@ different sources, and pruning plugs in as one more source.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import logging
 from pathlib import Path
@@ -22,13 +23,20 @@ from .fsutil import atomic_output_dir, check_output
 from .hf_checkpoint import (HFCheckpoint, copy_tokenizer, keep_tokenizer, model_tokenizer_dir,
                             write_hf_checkpoint)
 from .megatron_checkpoint import check_megatron_input, open_megatron, write_legacy
-from .tensor_io import CheckpointReadError
+from .tensor_io import CheckpointReadError, release_pages
 
 log = logging.getLogger(__name__)
 
 
 class MegatronSource:
-    """HF-named tensors of a Megatron checkpoint, merged from its TP shards on demand."""
+    """HF-named tensors of a Megatron checkpoint, merged from its TP shards on demand.
+
+    Legacy rank files are read as views of their memory maps: a split parameter's rows or
+    columns are copied once, straight from the mapped file into what the writer needs (a
+    torch.cat across ranks, or the fused tensor's rows), and the pages are released a few
+    parameters later, once the writer thread can no longer be writing from them."""
+
+    _HELD = 4  # parameters whose pages stay mapped: more than the writer can have queued
 
     def __init__(self, ckpt):
         self.ckpt = ckpt
@@ -39,7 +47,10 @@ class MegatronSource:
             for j, n in enumerate(spec.hf_names(layer)):
                 self._where[n] = (spec, layer, j)
         self._group_key, self._group = None, None
-        self._pieces_key, self._pieces = None, {}  # one parameter's unfused pieces, by rank
+        # one parameter's stored shards and their unfused pieces, by input rank
+        self._stored_key, self._stored, self._pieces = None, {}, {}
+        self._held: collections.deque = collections.deque()
+        self._blocks: dict = {}
 
     def keys(self):
         return list(self._where)
@@ -56,25 +67,41 @@ class MegatronSource:
             self._group_key = (spec.key, layer)
         return self._group
 
-    def _covering(self, name, dim: int, start: int, end: Optional[int]) -> list:
-        """Views of [start, end) of `name` along its split dim `dim`, one per input rank that
-        holds part of it, in order. Only those ranks' shards are read; a parameter's pieces
-        stay cached by rank until another parameter is asked for."""
-        spec, layer, j = self._where[name]
-        size = self.shape(name)[dim]
-        cover = layout.ranks_covering(spec, size, self.ckpt.tp, self.config,
+    def _split(self, name) -> bool:
+        """Whether `name` is read rank by rank from the stored shards (legacy, TP-split)."""
+        return self._where[name][0].split_dim is not None and hasattr(self.ckpt, "read_stored")
+
+    def _cover(self, name, dim: int, start: int, end: Optional[int]) -> list:
+        """[(rank, lo, hi)] of [start, end) of `name` along its split dim `dim`, with those
+        ranks' stored shards mapped (only theirs)."""
+        spec, layer, _ = self._where[name]
+        cover = layout.ranks_covering(spec, self.shape(name)[dim], self.ckpt.tp, self.config,
                                       self.ckpt.divisible_by, start, end)
-        if self._pieces_key != (spec.key, layer):
-            self._pieces = {}
-            self._pieces_key = (spec.key, layer)
-        missing = tuple(r for r, _, _ in cover if r not in self._pieces)
+        if self._stored_key != (spec.key, layer):
+            self._held.append(list(self._stored.values()))
+            while len(self._held) > self._HELD:
+                for t in self._held.popleft():
+                    release_pages(t)
+            self._stored, self._pieces, self._stored_key = {}, {}, (spec.key, layer)
+        missing = tuple(r for r, _, _ in cover if r not in self._stored)
         if missing:
-            self._pieces.update(self.ckpt.read_pieces(spec, layer, missing))
-        return [self._pieces[r][j].narrow(dim, lo, hi - lo) for r, lo, hi in cover]
+            self._stored.update(self.ckpt.read_stored(spec, layer, missing))
+        return cover
+
+    def _covering(self, name, dim: int, start: int, end: Optional[int]) -> list:
+        """Views of [start, end) of `name` along its split dim, one per input rank that holds
+        part of it, in order."""
+        spec, _, j = self._where[name]
+        out = []
+        for r, lo, hi in self._cover(name, dim, start, end):
+            if r not in self._pieces:
+                self._pieces[r] = layout.unfuse(spec, self._stored[r], self.config, self.ckpt.tp)
+            out.append(self._pieces[r][j].narrow(dim, lo, hi - lo))
+        return out
 
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
-        spec, layer, j = self._where[name]
-        if dim is None or dim != spec.split_dim or not hasattr(self.ckpt, "read_pieces"):
+        spec, layer, _ = self._where[name]
+        if dim is None or dim != spec.split_dim or not self._split(name):
             t = self.group(spec, layer)[name]
             end = t.shape[dim or 0] if end is None else end
             return t if dim is None else t.narrow(dim, start, end - start)
@@ -86,18 +113,34 @@ class MegatronSource:
     def dtype_of(self, name) -> torch.dtype:
         return self.dtype
 
+    def _stored_blocks(self, spec, layer) -> list:
+        """`layout.fused_row_blocks` of one input rank's stored shard: where each part's rows
+        sit in it (one run per part for unfused parameters)."""
+        spans = [layout.chunk_range(spec, layout.hf_shape(spec, j, self.config)[0],
+                                    self.ckpt.tp, 0, self.config, self.ckpt.divisible_by)
+                 for j, _ in enumerate(spec.hf_names(layer))]
+        rows = tuple(e - s for s, e in spans)
+        if (spec.key, rows) not in self._blocks:
+            self._blocks[spec.key, rows] = layout.fused_row_blocks(spec, rows, self.config,
+                                                                   self.ckpt.tp)
+        return self._blocks[spec.key, rows]
+
     def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
-        """Rows [start, end) of `name` copied from the input ranks' pieces straight into `out`
-        (reshard fills fused QKV and gate/up this way: no torch.cat of the ranks' pieces and
-        then of the parts)."""
-        if self._where[name][0].split_dim == 0 and hasattr(self.ckpt, "read_pieces"):
-            parts = self._covering(name, 0, start, end)
-        else:  # not split by rows, or a torch_dist checkpoint: the merged tensor's rows
-            parts = [self.get(name, 0, start, end)]
+        """Rows [start, end) of `name` copied from the input ranks' mapped shards straight into
+        `out` (reshard fills fused QKV and gate/up this way: each run of rows is copied once,
+        with no unfused pieces and no torch.cat in between)."""
+        spec, layer, j = self._where[name]
+        if spec.split_dim != 0 or not self._split(name):
+            out.copy_(self.get(name, 0, start, end))
+            return
         pos = 0
-        for part in parts:
-            out[pos:pos + part.shape[0]].copy_(part)
-            pos += part.shape[0]
+        for r, lo, hi in self._cover(name, 0, start, end):
+            stored = self._stored[r]
+            for part, row, at, n in self._stored_blocks(spec, layer):
+                a, b = max(lo, row), min(hi, row + n)
+                if part == j and a < b:
+                    out[pos + a - lo:pos + b - lo].copy_(stored[at + a - row:at + b - row])
+            pos += hi - lo
 
 
 class HFSource:

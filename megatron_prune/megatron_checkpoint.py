@@ -139,11 +139,12 @@ class LegacyCheckpoint:
             raise CheckpointReadError(f"{self.files[(0, stage)]}: missing tensor {name}")
         return readers, name
 
-    def read_pieces(self, spec, layer, ranks) -> dict:
-        """{rank: unfused HF-form pieces of that rank's shard} for the given TP ranks only."""
+    def read_stored(self, spec, layer, ranks) -> dict:
+        """{rank: that rank's stored (fused) shard} for the given TP ranks, as views of the
+        mapped rank files: nothing is copied until the caller copies what it needs, and the
+        caller releases the pages (`tensor_io.release_pages`) when it is done."""
         readers, name = self._locate(spec, layer)
-        return {r: layout.unfuse(spec, readers[r].get(name), self.config,
-                                 1 if spec.split_dim is None else self.tp) for r in ranks}
+        return {r: readers[r].raw(name) for r in ranks}
 
     def read_hf_group(self, spec, layer) -> dict:
         """{hf_name: full tensor} of one parameter, merged from the TP rank files."""

@@ -355,5 +355,6 @@ class TorchFileReader:
         return out
 
     def raw(self, name):
-        """The stored value as is (e.g. `_extra_state` objects)."""
+        """The stored value as is (e.g. `_extra_state` objects), or a tensor as a view of the
+        mapped file: no copy, its pages are read when touched (`release_pages` drops them)."""
         return self.state[name]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -145,6 +146,44 @@ def test_fused_reads_equal_concatenation(hf_model, tmp_path, monkeypatch):
     run("cat")
     for out in ("1", "2", "4", "-tp2", "-tp2pp2", "-tp4"):
         assert_same_checkpoint(tmp_path / f"fast{out}", tmp_path / f"cat{out}")
+
+
+def _mapped_rss(paths) -> int:
+    """Bytes of this process's mappings of `paths` that are resident (Linux smaps)."""
+    names, total, current = {str(p) for p in paths}, 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            current = len(head) >= 6 and head[5] in names
+        elif current and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux smaps")
+@pytest.mark.parametrize("release", [True, False])
+def test_reshard_reads_keep_few_input_pages_mapped(tmp_path, monkeypatch, release):
+    """Reshard reads the input shards as views of their memory maps; their pages are released
+    a few parameters later, so after building a whole TP1 rank file from TP2 shards only a
+    few parameters' pages stay resident. Without the release, the whole input would be."""
+    hf = make_hf_llama(tmp_path / "hf", hidden_size=256, intermediate_size=1024,
+                       num_hidden_layers=16)
+    convert.hf_to_megatron(hf, tmp_path / "tp2", tp=2)
+    if not release:
+        monkeypatch.setattr(convert, "release_pages", lambda t: None)
+    source = convert.open_source(tmp_path / "tp2")
+    ckpt = source.ckpt
+    for _, make in convert.rank_plan(source, source.config, ckpt.impl, 1, 0, 0,
+                                     layout.stage_ranges([16]), torch.float32, 128):
+        if make is not None:
+            make()
+    files = list(ckpt.files.values())
+    size = sum(f.stat().st_size for f in files)
+    resident = _mapped_rss(files)
+    if release:
+        assert resident < size / 4, (resident, size)
+    else:  # the test can tell: every page was touched and stays mapped
+        assert resident > size * 3 / 4, (resident, size)
 
 
 def test_reshard_chain_equals_direct_conversion(tmp_path):
