@@ -60,10 +60,16 @@ class MegatronSource:
         return layout.hf_shape(spec, j, self.config)
 
     def group(self, spec, layer) -> dict:
-        """{hf_name: tensor} of one parameter; the last one is cached (readers ask per name)."""
+        """{hf_name: tensor} of one parameter; the last one is cached (readers ask per name).
+        Legacy shards are merged straight from their mapped views (one copy, in the merge)."""
         if self._group_key != (spec.key, layer):
             self._group = None  # free the previous group before merging the next
-            self._group = self.ckpt.read_hf_group(spec, layer)
+            if hasattr(self.ckpt, "read_stored"):
+                stored = self._load(spec, layer, range(self.ckpt.tp))
+                self._group = layout.merge_to_hf(spec, [stored[r] for r in range(self.ckpt.tp)],
+                                                 self.config, layer)
+            else:
+                self._group = self.ckpt.read_hf_group(spec, layer)
             self._group_key = (spec.key, layer)
         return self._group
 
@@ -71,21 +77,28 @@ class MegatronSource:
         """Whether `name` is read rank by rank from the stored shards (legacy, TP-split)."""
         return self._where[name][0].split_dim is not None and hasattr(self.ckpt, "read_stored")
 
-    def _cover(self, name, dim: int, start: int, end: Optional[int]) -> list:
-        """[(rank, lo, hi)] of [start, end) of `name` along its split dim `dim`, with those
-        ranks' stored shards mapped (only theirs)."""
-        spec, layer, _ = self._where[name]
-        cover = layout.ranks_covering(spec, self.shape(name)[dim], self.ckpt.tp, self.config,
-                                      self.ckpt.divisible_by, start, end)
+    def _load(self, spec, layer, ranks) -> dict:
+        """The stored shards of one parameter from the given input ranks (views of the mapped
+        rank files, cached until another parameter is asked for; the pages of the previous
+        parameters are released `_HELD` parameters later)."""
         if self._stored_key != (spec.key, layer):
             self._held.append(list(self._stored.values()))
             while len(self._held) > self._HELD:
                 for t in self._held.popleft():
                     release_pages(t)
             self._stored, self._pieces, self._stored_key = {}, {}, (spec.key, layer)
-        missing = tuple(r for r, _, _ in cover if r not in self._stored)
+        missing = tuple(r for r in ranks if r not in self._stored)
         if missing:
             self._stored.update(self.ckpt.read_stored(spec, layer, missing))
+        return self._stored
+
+    def _cover(self, name, dim: int, start: int, end: Optional[int]) -> list:
+        """[(rank, lo, hi)] of [start, end) of `name` along its split dim `dim`, with those
+        ranks' stored shards mapped (only theirs)."""
+        spec, layer, _ = self._where[name]
+        cover = layout.ranks_covering(spec, self.shape(name)[dim], self.ckpt.tp, self.config,
+                                      self.ckpt.divisible_by, start, end)
+        self._load(spec, layer, [r for r, _, _ in cover])
         return cover
 
     def _covering(self, name, dim: int, start: int, end: Optional[int]) -> list:

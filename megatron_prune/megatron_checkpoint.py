@@ -146,11 +146,6 @@ class LegacyCheckpoint:
         readers, name = self._locate(spec, layer)
         return {r: readers[r].raw(name) for r in ranks}
 
-    def read_hf_group(self, spec, layer) -> dict:
-        """{hf_name: full tensor} of one parameter, merged from the TP rank files."""
-        readers, name = self._locate(spec, layer)
-        return layout.merge_to_hf(spec, [r.get(name) for r in readers], self.config, layer)
-
     def stage_of_layer(self, layer: int) -> int:
         for p, (s, e) in enumerate(self.ranges):
             if s <= layer < e:
