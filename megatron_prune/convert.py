@@ -33,10 +33,12 @@ class MegatronSource:
 
     Legacy rank files are read as views of their memory maps: a split parameter's rows or
     columns are copied once, straight from the mapped file into what the writer needs (a
-    torch.cat across ranks, or the fused tensor's rows), and the pages are released a few
-    parameters later, once the writer thread can no longer be writing from them."""
+    torch.cat across ranks, or the fused tensor's rows). A parameter's pages are released when
+    the next one is read, or, where a view of them was handed out (one input rank covers the
+    request), a few parameters later, once the writer thread can no longer be writing from it:
+    pages touched after their release would stay resident."""
 
-    _HELD = 4  # parameters whose pages stay mapped: more than the writer can have queued
+    _HELD = 4  # lent parameters whose pages stay mapped: more than the writer can have queued
 
     def __init__(self, ckpt):
         self.ckpt = ckpt
@@ -49,7 +51,9 @@ class MegatronSource:
         self._group_key, self._group = None, None
         # one parameter's stored shards and their unfused pieces, by input rank
         self._stored_key, self._stored, self._pieces = None, {}, {}
-        self._held: collections.deque = collections.deque()
+        self._lent = False  # a view of the current parameter's pages was handed out
+        self._held: collections.deque = collections.deque()  # (release at switch n, pages)
+        self._switches = 0
         self._blocks: dict = {}
 
     def keys(self):
@@ -79,14 +83,20 @@ class MegatronSource:
 
     def _load(self, spec, layer, ranks) -> dict:
         """The stored shards of one parameter from the given input ranks (views of the mapped
-        rank files, cached until another parameter is asked for; the pages of the previous
-        parameters are released `_HELD` parameters later)."""
+        rank files, cached until another parameter is asked for, when the previous one's pages
+        are released: at once, or `_HELD` parameters later if a view of them was lent)."""
         if self._stored_key != (spec.key, layer):
-            self._held.append(list(self._stored.values()))
-            while len(self._held) > self._HELD:
-                for t in self._held.popleft():
+            self._switches += 1
+            if self._lent:
+                self._held.append((self._switches + self._HELD, list(self._stored.values())))
+            else:
+                for t in self._stored.values():
+                    release_pages(t)
+            while self._held and self._held[0][0] <= self._switches:
+                for t in self._held.popleft()[1]:
                     release_pages(t)
             self._stored, self._pieces, self._stored_key = {}, {}, (spec.key, layer)
+            self._lent = False
         missing = tuple(r for r in ranks if r not in self._stored)
         if missing:
             self._stored.update(self.ckpt.read_stored(spec, layer, missing))
@@ -119,9 +129,12 @@ class MegatronSource:
             end = t.shape[dim or 0] if end is None else end
             return t if dim is None else t.narrow(dim, start, end - start)
         parts = self._covering(name, dim, start, end)
+        if len(parts) > 1:
+            return torch.cat(parts, dim)
         # one rank covers it (a balanced prune, TP unchanged): a view, copied once by whoever
         # selects or fuses it next (or by the writer thread), not here as well
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        self._lent = True
+        return parts[0]
 
     def dtype_of(self, name) -> torch.dtype:
         return self.dtype

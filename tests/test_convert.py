@@ -1,6 +1,7 @@
 """HF <-> Megatron conversion and resharding: bit-exact round trips and clear failures."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -162,10 +163,13 @@ def _mapped_rss(paths) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux smaps")
 @pytest.mark.parametrize("release", [True, False])
-def test_reshard_reads_keep_few_input_pages_mapped(tmp_path, monkeypatch, release):
+@pytest.mark.parametrize("out_tp", [1, 2])
+def test_reshard_reads_keep_few_input_pages_mapped(tmp_path, monkeypatch, release, out_tp):
     """Reshard reads the input shards as views of their memory maps; their pages are released
-    a few parameters later, so after building a whole TP1 rank file from TP2 shards only a
-    few parameters' pages stay resident. Without the release, the whole input would be."""
+    when the next parameter is read (TP2 -> 1: every tensor is a concatenation), or a few
+    parameters later where views were handed on (TP2 -> 2), so after building a whole rank
+    file only a few parameters' pages stay resident. Without the release, the whole input
+    would be."""
     hf = make_hf_llama(tmp_path / "hf", hidden_size=256, intermediate_size=1024,
                        num_hidden_layers=16)
     convert.hf_to_megatron(hf, tmp_path / "tp2", tp=2)
@@ -173,11 +177,14 @@ def test_reshard_reads_keep_few_input_pages_mapped(tmp_path, monkeypatch, releas
         monkeypatch.setattr(convert, "release_pages", lambda t: None)
     source = convert.open_source(tmp_path / "tp2")
     ckpt = source.ckpt
-    for _, make in convert.rank_plan(source, source.config, ckpt.impl, 1, 0, 0,
+    queued = collections.deque()
+    for _, make in convert.rank_plan(source, source.config, ckpt.impl, out_tp, 0, 0,
                                      layout.stage_ranges([16]), torch.float32, 128):
         if make is not None:
-            make()
-    files = list(ckpt.files.values())
+            queued.append(make())
+        if len(queued) > 3:  # as the writer thread: it reads a tensor up to 3 tensors later
+            queued.popleft().clone()
+    files = list(ckpt.files.values()) if out_tp == 1 else [ckpt.files[(0, 0)]]
     size = sum(f.stat().st_size for f in files)
     resident = _mapped_rss(files)
     if release:
