@@ -6,7 +6,8 @@
   shapes first), so an export never holds more than one tensor.
 * `TorchFileReader` opens a `torch.save` file with `mmap=True, weights_only=True` and releases
   each tensor's pages after it was copied out (`madvise(DONTNEED)`), so reading a 3 GB rank file
-  keeps resident only what is in use.
+  keeps resident only what is in use; `raw` gives a tensor as a view of the map instead, for a
+  caller that copies only the rows it needs and releases the pages itself (`MegatronSource`).
 * `save_streamed` writes what `torch.save` would, tensor by tensor: torch itself lays the file
   out (`torch.serialization.skip_data`, from untouched placeholder tensors), and each tensor's
   bytes go to its record's offset from a writer thread while the next tensor is being built.
