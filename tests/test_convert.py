@@ -152,12 +152,13 @@ def test_fused_reads_equal_concatenation(hf_model, tmp_path, monkeypatch):
 def _mapped_rss(paths) -> int:
     """Bytes of this process's mappings of `paths` that are resident (Linux smaps)."""
     names, total, current = {str(p) for p in paths}, 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()
-        if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-            current = len(head) >= 6 and head[5] in names
-        elif current and head[0] == "Rss:":
-            total += int(head[1]) * 1024
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                current = len(head) >= 6 and head[5] in names
+            elif current and head[0] == "Rss:":
+                total += int(head[1]) * 1024
     return total
 
 
