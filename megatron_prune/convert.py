@@ -49,6 +49,7 @@ class MegatronSource:
             for j, n in enumerate(spec.hf_names(layer)):
                 self._where[n] = (spec, layer, j)
         self._group_key, self._group = None, None
+        self._mapped = hasattr(ckpt, "read_stored")  # legacy rank files (torch_dist: not)
         # one parameter's stored shards and their unfused pieces, by input rank
         self._stored_key, self._stored, self._pieces = None, {}, {}
         self._lent = False  # a view of the current parameter's pages was handed out
@@ -68,7 +69,7 @@ class MegatronSource:
         Legacy shards are merged straight from their mapped views (one copy, in the merge)."""
         if self._group_key != (spec.key, layer):
             self._group = None  # free the previous group before merging the next
-            if hasattr(self.ckpt, "read_stored"):
+            if self._mapped:
                 stored = self._load(spec, layer, range(self.ckpt.tp))
                 self._group = layout.merge_to_hf(spec, [stored[r] for r in range(self.ckpt.tp)],
                                                  self.config, layer)
@@ -76,10 +77,6 @@ class MegatronSource:
                 self._group = self.ckpt.read_hf_group(spec, layer)
             self._group_key = (spec.key, layer)
         return self._group
-
-    def _split(self, name) -> bool:
-        """Whether `name` is read rank by rank from the stored shards (legacy, TP-split)."""
-        return self._where[name][0].split_dim is not None and hasattr(self.ckpt, "read_stored")
 
     def _load(self, spec, layer, ranks) -> dict:
         """The stored shards of one parameter from the given input ranks (views of the mapped
@@ -124,7 +121,7 @@ class MegatronSource:
 
     def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
         spec, layer, _ = self._where[name]
-        if dim is None or dim != spec.split_dim or not self._split(name):
+        if dim is None or dim != spec.split_dim or not self._mapped:
             t = self.group(spec, layer)[name]
             end = t.shape[dim or 0] if end is None else end
             return t if dim is None else t.narrow(dim, start, end - start)
@@ -145,18 +142,15 @@ class MegatronSource:
         spans = [layout.chunk_range(spec, layout.hf_shape(spec, j, self.config)[0],
                                     self.ckpt.tp, 0, self.config, self.ckpt.divisible_by)
                  for j, _ in enumerate(spec.hf_names(layer))]
-        rows = tuple(e - s for s, e in spans)
-        if (spec.key, rows) not in self._blocks:
-            self._blocks[spec.key, rows] = layout.fused_row_blocks(spec, rows, self.config,
-                                                                   self.ckpt.tp)
-        return self._blocks[spec.key, rows]
+        return _row_blocks(self._blocks, spec, tuple(e - s for s, e in spans), self.config,
+                           self.ckpt.tp)
 
     def read_rows_into(self, name, start: int, end: int, out: torch.Tensor) -> None:
         """Rows [start, end) of `name` copied from the input ranks' mapped shards straight into
         `out` (reshard fills fused QKV and gate/up this way: each run of rows is copied once,
         with no unfused pieces and no torch.cat in between)."""
         spec, layer, j = self._where[name]
-        if spec.split_dim != 0 or not self._split(name):
+        if spec.split_dim != 0 or not self._mapped:
             out.copy_(self.get(name, 0, start, end))
             return
         pos = 0
@@ -242,6 +236,14 @@ class _Shapes:
         return torch.empty(shape, dtype=self.source.dtype, device="meta")
 
 
+def _row_blocks(cache: dict, spec, rows: tuple, cfg: ModelConfig, tp: int) -> list:
+    """`layout.fused_row_blocks` of a shard whose parts have `rows` rows, worked out once per
+    parameter kind and size (every layer has the same runs)."""
+    if (spec.key, rows) not in cache:
+        cache[spec.key, rows] = layout.fused_row_blocks(spec, rows, cfg, tp)
+    return cache[spec.key, rows]
+
+
 def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
                 divisible_by: int, blocks: dict) -> Optional[torch.Tensor]:
     """Rank's shard of a fused row-split parameter (QKV, gate/up) with each run of rows read
@@ -259,10 +261,7 @@ def _read_fused(source, spec, cfg: ModelConfig, tp: int, tp_rank: int, layer,
     if len(cols) != 1 or len(dtypes) != 1:  # torch.cat would promote: leave it to that path
         return None
     out = torch.empty((sum(e - s for s, e in spans), *cols.pop()), dtype=dtypes.pop())
-    rows = tuple(e - s for s, e in spans)
-    if (spec.key, rows) not in blocks:
-        blocks[spec.key, rows] = layout.fused_row_blocks(spec, rows, cfg, tp)
-    for part, row, dst, n in blocks[spec.key, rows]:
+    for part, row, dst, n in _row_blocks(blocks, spec, tuple(e - s for s, e in spans), cfg, tp):
         first = spans[part][0] + row
         source.read_rows_into(names[part], first, first + n, out[dst:dst + n])
     return out

@@ -124,7 +124,8 @@ def test_fused_reads_fall_back_where_they_cannot_read_in_place(tmp_path, kind, m
                 elif "layernorm" not in name and "norm" not in name:
                     state[name] = state[name].to(torch.bfloat16)
             save_file(state, f, metadata={"format": "pt"})
-    fast = convert.hf_to_megatron(hf, tmp_path / "fast", tp=2, pp=1) and tmp_path / "fast"
+    fast = tmp_path / "fast"
+    convert.hf_to_megatron(hf, fast, tp=2, pp=1)
     monkeypatch.setattr(convert, "_read_fused", lambda *a, **k: None)  # torch.cat only
     convert.hf_to_megatron(hf, tmp_path / "cat", tp=2, pp=1)
     assert_same_checkpoint(fast, tmp_path / "cat")
