@@ -9,7 +9,9 @@ At the issue's shape (seq 2048 x micro-batch 8, hidden 2048, 32 heads / 8 groups
   rms_norm torch.nn.RMSNorm as the local spec builds it (fp32 weight, bf16 input: torch's
            composite path) vs FusedRMSNorm; torch's own fused kernel (bf16 weight) for reference;
   wgrad    per linear layer, what megatron does without the fusion (bf16 weight-gradient GEMM,
-           then DDP's `main_grad.add_(grad)`) vs the stand-in's single fp32-output addmm.
+           then DDP's `main_grad.add_(grad)`) vs the stand-in's single fp32-output addmm;
+  swiglu   megatron's compiled SwiGLU backward (the cat of both halves) vs the Triton one
+           (swiglu_triton), alone (with its memory rate) and under megatron's forward.
 For each: (a) errors of fused and unfused against an fp32 reference from the same bf16 inputs,
 forward and backward (the fused error may not exceed the unfused one by more than 5%);
 (b) CUDA time per call (CUDA events, median of 3 runs of N calls after warm-up) and kernels
@@ -98,13 +100,13 @@ def row(name, what, unfused, fused, calls, **extra):
     return r
 
 
-def checked(errors: dict) -> dict:
-    """{part: errs(...)} -> the errors, and whether the fused one is at most 1.05 x the unfused
-    one (+ fp32 summation-order noise, 1e-5 of the reference's scale)."""
+def checked(errors: dict, factor: float = 1.05) -> dict:
+    """{part: errs(...)} -> the errors, and whether the fused one is at most `factor` x the
+    unfused one (+ fp32 summation-order noise, 1e-5 of the reference's scale)."""
     out = {"ok": True}
     for part, (fused, unfused, scale) in errors.items():
         out[part] = {"fused": fused, "unfused": unfused}
-        out["ok"] &= fused <= 1.05 * unfused + 1e-5 * scale
+        out["ok"] &= fused <= factor * unfused + 1e-5 * scale
     return out
 
 
@@ -225,20 +227,69 @@ def bench_wgrad(s, calls) -> list:
     return rows
 
 
+# ---------------------------------------------------------------------------- SwiGLU
+def bench_swiglu(s, calls) -> list:
+    """megatron's SwiGLU (compiled forward, compiled cat backward) vs the Triton backward, on the
+    fused linear_fc1 output [tokens, 2 FFN] as the MLP hands it over."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, swiglu_back
+    tokens, ffn = s["seq"] * s["batch"], s["ffn"]
+    g = torch.Generator(device=DEV).manual_seed(3)
+    y = torch.randn(tokens, 2 * ffn, device=DEV, generator=g, dtype=torch.bfloat16)
+    grad = torch.randn(tokens, ffn, device=DEV, generator=g, dtype=torch.bfloat16)
+    ref = swiglu_back(grad.float(), y.float())
+    out_u = swiglu_back(grad, y)
+    out_f = fusions._SWIGLU_BACKWARD(grad, y)
+    ok = out_f is not None
+    name = f"swiglu [{tokens} x {2 * ffn}]"
+    moved = 5 * tokens * ffn * y.element_size()  # read gate, up, g; write both halves
+    r = row(name, "backward", lambda: swiglu_back(grad, y),
+            (lambda: fusions._SWIGLU_BACKWARD(grad, y)) if ok else None, calls,
+            # Triton's CPU interpreter (--smoke) casts to bf16 by truncation, a GPU rounds to
+            # nearest: up to twice the error there
+            check=checked({"backward": errs(out_f, out_u, ref)}, 1.05 if DEV == "cuda" else 2.1)
+            if ok else {"ok": False},
+            per_micro_batch=LAYERS)
+    r["unfused_tb_s"] = moved / r["unfused_ms"] / 1e9
+    if ok:
+        r["fused_tb_s"] = moved / r["fused_ms"] / 1e9
+    if ok and DEV == "cuda":  # the kernel's block size, for the record
+        from megatron_prune.train import swiglu_triton as st
+        out = torch.empty_like(y)
+        grid = lambda b: (tokens, -(-ffn // b))  # noqa: E731
+        r["block_ms"] = {b: ms_per_call(lambda: st._kernel(False)[grid(b)](
+            grad, y, out, ffn, BLOCK=b), calls) for b in (256, 512, 1024, 2048, 4096)}
+        r["block"] = st.BLOCK
+    fused_impl = fusions.make_fused_bias_swiglu_impl(bias_swiglu_impl)
+    x = y.detach().requires_grad_()
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(x, None), x, grad)
+
+    fwd = row(name, "forward", lambda: bias_swiglu_impl(x, None), None, calls, same=True)
+    fwd["unfused_tb_s"] = 3 * tokens * ffn * y.element_size() / fwd["unfused_ms"] / 1e9
+    both = row(name, "forward+backward", fwd_bwd(bias_swiglu_impl),
+               fwd_bwd(fused_impl) if ok else None, calls)
+    return [r, fwd, both]
+
+
 # ---------------------------------------------------------------------------- report
+def rate(r, which) -> str:
+    return f", {r[which + '_tb_s']:.2f} TB/s" if which + "_tb_s" in r else ""
+
+
 def table(rows) -> str:
     lines = ["| piece | pass | unfused ms (kernels) | fused ms (kernels) | speed-up | "
              "max err fused / unfused |", "|---|---|---|---|---|---|"]
     for r in rows:
-        fused = (f"{r['fused_ms']:.3f} ({r['fused_kernels']})" if "fused_ms" in r
-                 else "compile failed")
+        fused = (f"{r['fused_ms']:.3f} ({r['fused_kernels']}){rate(r, 'fused')}"
+                 if "fused_ms" in r else "(megatron's)" if r.get("same") else "compile failed")
         speed = f"{r['unfused_ms'] / r['fused_ms']:.2f}x" if "fused_ms" in r else "-"
         chk = r.get("check")
         errs = "; ".join(f"{k} {v['fused']:.2e} / {v['unfused']:.2e}"
                          for k, v in (chk or {}).items() if k != "ok")
         lines.append(f"| {r['name']} {r['what']} | {'' if chk is None else chk['ok']} | "
-                     f"{r['unfused_ms']:.3f} ({r['unfused_kernels']}) | {fused} | {speed} | "
-                     f"{errs} |")
+                     f"{r['unfused_ms']:.3f} ({r['unfused_kernels']}){rate(r, 'unfused')} | "
+                     f"{fused} | {speed} | {errs} |")
         if "torch_bf16_weight_ms" in r:
             lines.append(f"| (torch.nn.RMSNorm, bf16 weight: torch's fused kernel) {r['what']} "
                          f"| | {r['torch_bf16_weight_ms']:.3f} "
@@ -290,7 +341,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     s = SMOKE if a.smoke else SHAPE
     rows = []
-    for part in (bench_wgrad, bench_rope, bench_rms_norm):
+    for part in (bench_wgrad, bench_rope, bench_rms_norm, bench_swiglu):
         rows += part(s, a.calls)
         print(f"{part.__name__} done at {time.time() - t0:.0f} s", flush=True)
     saved = saving_per_micro_batch(rows)

@@ -150,6 +150,68 @@ def test_wgrad_stand_in_accumulates_into_main_grad(dtype):
     torch.testing.assert_close(main_grad, want, rtol=1e-6, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------- SwiGLU
+@pytest.mark.parametrize("ffn", [40, 2500])  # under one block; three blocks, the last partial
+def test_swiglu_backward_kernel(ffn):
+    """The Triton backward (here in Triton's CPU interpreter) equals megatron's `swiglu_back` and
+    the fp64 gradient in fp32 and, in bf16, is one rounding of the exact gradient at the rounded
+    inputs."""
+    pytest.importorskip("triton")
+    from megatron.core.fusions.fused_bias_swiglu import swiglu_back
+    from megatron_prune.train.swiglu_triton import swiglu_backward
+    rows = 6
+    gen = torch.Generator().manual_seed(ffn)
+    y = 3 * torch.randn(rows, 2 * ffn, generator=gen)
+    g = torch.randn(rows, ffn, generator=gen)
+    y64 = y.double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.nn.functional.silu(y64[:, :ffn]) * y64[:, ffn:], y64,
+                                 g.double())
+    out = swiglu_backward(g, y)
+    torch.testing.assert_close(out, swiglu_back(g, y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    bf = swiglu_backward(g.bfloat16(), y.bfloat16())
+    assert bf.dtype == torch.bfloat16
+    y_bf = y.bfloat16().double().requires_grad_()  # the gradient at the rounded inputs
+    (ref_bf,) = torch.autograd.grad(torch.nn.functional.silu(y_bf[:, :ffn]) * y_bf[:, ffn:],
+                                    y_bf, g.bfloat16().double())
+    # one bf16 step: Triton's CPU interpreter casts to bf16 by truncation (GPUs round to
+    # nearest, half a step; bench/fusions_gpu.py checks that against megatron's kernel)
+    assert ((bf.double() - ref_bf).abs() <= ref_bf.abs() * 2 ** -7).all()
+    with pytest.raises(ValueError, match="does not match"):
+        swiglu_backward(g[:, 1:], y)
+
+
+def test_swiglu_impl_equals_megatron():
+    """The patched `bias_swiglu_impl` gives megatron's values and input gradients (fp32, 2-D and
+    megatron's 3-D [s, b, 2F]) and passes biased and fp8 calls to megatron's own."""
+    pytest.importorskip("triton")
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+    calls = []
+
+    def original(*args):
+        calls.append(args)
+        return bias_swiglu_impl(*args)
+
+    fused = fusions.make_fused_bias_swiglu_impl(original)
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((10, 96), (5, 2, 96)):
+        x = torch.randn(shape, generator=gen)
+        grad = torch.randn(*shape[:-1], 48, generator=gen)
+        outs = []
+        for fn in (bias_swiglu_impl, fused):
+            xi = x.clone().requires_grad_()
+            y = fn(xi, None)
+            y.backward(grad)
+            outs.append((y, xi.grad))
+        assert outs[1][0].shape == (*shape[:-1], 48)
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-6, atol=1e-6)
+    assert calls == []
+    bias = torch.zeros(96)
+    fused(x.reshape(-1, 96), bias)
+    assert len(calls) == 1 and calls[0][1] is bias
+
+
 # ---------------------------------------------------------------------------- a real run
 RUN_SCRIPT = textwrap.dedent("""
     import collections, json, sys
@@ -160,6 +222,7 @@ RUN_SCRIPT = textwrap.dedent("""
         calls = collections.Counter()
         from megatron_prune.train import loss
         compiled = {"rope": fusions._ROPE, "rms_norm": fusions._RMS_NORM,
+                    "swiglu_backward": fusions._SWIGLU_BACKWARD,
                     **{"loss" + k: v for k, v in loss.COMPILED.items()}}
 
         def counted(name, fn):
@@ -171,6 +234,7 @@ RUN_SCRIPT = textwrap.dedent("""
         fusions.wgrad_gemm_accum = counted("wgrad", fusions.wgrad_gemm_accum)
         fusions._ROPE = counted("rope", fusions._ROPE)
         fusions._RMS_NORM = counted("rms_norm", fusions._RMS_NORM)
+        fusions._SWIGLU_BACKWARD = counted("swiglu_backward", fusions._SWIGLU_BACKWARD)
         from megatron_prune.train.__main__ import main
         rc = main(sys.argv[1:])
         print("FUSIONS", json.dumps({"calls": calls,
@@ -182,7 +246,7 @@ RUN_SCRIPT = textwrap.dedent("""
 def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path):
     """A real 1-process gloo training run (stories260K, fp32, 4 micro-batches of accumulation)
     with every fusion on — megatron's linear layers with gradient_accumulation_fusion through the
-    stand-in module, the patched RoPE, FusedRMSNorm — gives the loss curve and grad norms of the
+    stand-in module, the patched RoPE, FusedRMSNorm, the Triton SwiGLU backward — gives the loss curve and grad norms of the
     same run with --no-fused-kernels (which installs nothing), to ~1e-7 (fp32 sum order)."""
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
@@ -195,11 +259,11 @@ def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path
         stats[name] = json.loads(proc.stdout.split("FUSIONS ", 1)[1].splitlines()[0])
     assert stats["off"]["calls"] == {}
     # 6 iterations x 4 micro-batches through 5 layers: q and k, 2 norms + the final one,
-    # 4 linear layers' weight gradients
+    # 4 linear layers' weight gradients, one SwiGLU backward (Triton's CPU interpreter here)
     assert stats["on"]["calls"] == {"rope": 6 * 4 * 5 * 2, "rms_norm": 6 * 4 * 11,
-                                    "wgrad": 6 * 4 * 5 * 4}
-    assert stats["on"]["compiled"] == {"rope": "ok", "rms_norm": "ok", "loss_stats": "ok",
-                                       "loss_sums": "ok", "loss_grad": "ok"}
+                                    "wgrad": 6 * 4 * 5 * 4, "swiglu_backward": 6 * 4 * 5}
+    assert stats["on"]["compiled"] == {"rope": "ok", "rms_norm": "ok", "swiglu_backward": "ok",
+                                       "loss_stats": "ok", "loss_sums": "ok", "loss_grad": "ok"}
     assert set(stats["off"]["compiled"].values()) == {"new"}  # the eager loss passes
     off, on = records(tmp_path / "off.jsonl"), records(tmp_path / "on.jsonl")
     assert len(off) == len(on) == 6

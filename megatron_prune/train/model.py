@@ -3,10 +3,10 @@
 * `resolve_model(...)`  which shape to build and where its weights come from (a checkpoint of
                         either parameter naming at any TP/PP, or a random init of given shape);
 * `build_piece(...)`    this rank's piece, with SDPA core attention on the local spec, recompute
-                        settings, `fusions` (fused wgrad accumulation, RoPE, RMSNorm) on GPUs
-                        without TE/Apex, and its output layer bypassed (the last stage returns
-                        hidden states; `loss.fused_output_loss` applies the output weight
-                        chunk-wise);
+                        settings, `fusions` (fused wgrad accumulation, RoPE, RMSNorm, SwiGLU's
+                        backward) on GPUs without TE/Apex, and its output layer bypassed (the
+                        last stage returns hidden states; `loss.fused_output_loss` applies the
+                        output weight chunk-wise);
 * `output_weight(...)`, `output_hidden(...)`  what the loss needs from the last stage.
 """
 from __future__ import annotations
@@ -113,6 +113,8 @@ def build_piece(cfg: ModelConfig, *, m: ModelArgs, p: ParallelArgs, dtype: torch
         fusions.wanted() else {}
     if fused.get("wgrad"):  # needs megatron DDP's main_grad: training only
         overrides["gradient_accumulation_fusion"] = True
+    if fused.get("swiglu"):  # on with CUDA already; the patched impl runs only with it
+        overrides["bias_activation_fusion"] = True
     model = mcore_model.build_gpt_model(
         cfg, impl=impl, dtype=dtype, first=p.decoder_first_pipeline_num_layers,
         last=p.decoder_last_pipeline_num_layers, divisible_by=divisible_by,
