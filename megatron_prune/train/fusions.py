@@ -28,9 +28,10 @@ small memory-bound kernels (issue #4: together ~30% of an H100 step at the 1.1B 
 4. **SwiGLU's backward.** megatron's fused SwiGLU (`bias_swiglu_impl`, used with
    `bias_activation_fusion`) is compiled forward and backward, but the backward computes a
    `torch.cat` of the two halves' gradients, which inductor turns into a kernel that loads every
-   input twice (2.26 TB/s against the forward's 3.1 on an H100). `swiglu_triton` writes both
-   halves from one load of each input; the forward stays megatron's compiled one. Patched in
-   under the name megatron's MLP calls, for the bias-free, non-fp8, non-offloaded case only.
+   input twice (2.26 TB/s inside a training step on an H100, against the forward's 3.1).
+   `swiglu_triton` writes both halves from one load of each input (2.9 TB/s there); the forward
+   stays megatron's compiled one. Patched in under the name megatron's MLP calls, for the
+   bias-free, non-fp8, non-offloaded case only.
 
 Everything is off unless `wanted()`: CUDA, and neither Transformer Engine nor Apex importable
 (`ON_CPU_TOO` lets tests run the same paths on the CPU). If compiling fails at run time (no C
