@@ -351,6 +351,10 @@ def main(argv=None) -> int:
     p.add_argument("--loss-only", action="store_true",
                    help="only time the output layer + loss: full logits, ours (compiled and "
                         "eager), Liger-Kernel's fused linear cross-entropy where installed")
+    p.add_argument("--accum-only", action="store_true",
+                   help="only the accumulation round, at every --ours-micro-batches and "
+                        "--hf-micro-batches (ours first; no loss-piece check): the goal's rows "
+                        "when device time is short")
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the loss-piece check")
     p.add_argument("--chunk", type=int, default=2048, help="--loss-chunk-tokens of that check")
     p.add_argument("--worker", choices=("hf", "loss"), help=argparse.SUPPRESS)
@@ -410,6 +414,15 @@ def main(argv=None) -> int:
         return text
 
     variants = [OURS_VARIANTS[v] for v in a.ours_variants.split(",")]
+    if a.accum_only:
+        for mbs in [int(x) for x in a.ours_micro_batches.split(",")]:
+            for extra in variants:
+                rows.append(run_ours(raw, mbs, a.accum, max(2, a.iters // 2), 1, extra))
+                report()
+        rows += run_hf(raw, [int(x) for x in a.hf_micro_batches.split(",")], a.accum,
+                       max(2, a.iters // 2), 1)
+        print(report(), flush=True)
+        return 0
     for mbs in [int(x) for x in a.ours_micro_batches.split(",")]:
         for extra in variants:
             rows.append(run_ours(raw, mbs, 1, a.iters, a.warmup, extra))
