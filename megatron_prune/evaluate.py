@@ -150,18 +150,33 @@ def rolling_windows(tokenizer, documents: List[str], window: int,
     return ScoredText(torch.tensor(inputs), torch.tensor(targets), ndocs, words, nbytes)
 
 
+NLL_CHUNK_ELEMENTS = 1 << 25  # fp64 logits a time: 256 MiB, whatever the vocab
+
+
+def logits_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log_softmax(logits)[target] in fp64 for logits [..., vocab] and targets [...] (>= 0),
+    as logsumexp - logit, a block of positions at a time: a whole batch's fp64 logits would be
+    16 GiB at Llama-3's vocab (8 x 2048 x 128256)."""
+    flat, y = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+    out = torch.empty(y.shape[0], dtype=torch.float64, device=logits.device)
+    rows = max(1, NLL_CHUNK_ELEMENTS // flat.shape[1])
+    for i in range(0, flat.shape[0], rows):
+        block = flat[i:i + rows].double()
+        out[i:i + rows] = torch.logsumexp(block, -1) - block.gather(-1, y[i:i + rows])[:, 0]
+    return out.view(targets.shape)
+
+
 def token_nll(model, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 8,
               desc: str = "perplexity") -> torch.Tensor:
-    """[n, window] NLL (fp64 log-softmax) of each target given the inputs up to its position;
-    0 where the target is -1. Right padding is harmless: the model is causal."""
+    """[n, window] NLL (fp64) of each target given the inputs up to its position; 0 where the
+    target is -1. Right padding is harmless: the model is causal."""
     out = torch.zeros(targets.shape, dtype=torch.float64)
     device = _device(model)
     with torch.no_grad():
         for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch"):
             x = inputs[start:start + batch_size].to(device)
             y = targets[start:start + batch_size].to(device)
-            logp = torch.log_softmax(model(input_ids=x).logits.double(), -1)
-            nll = -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            nll = logits_nll(model(input_ids=x).logits, y.clamp(min=0))
             out[start:start + batch_size] = torch.where(y >= 0, nll, 0.0).cpu()
     return out
 

@@ -254,3 +254,17 @@ def test_special_token_strings_in_text_are_scored_as_text(stories260k_hf):
     a = evaluate.perplexity(model, hf_tok, docs, window=16)
     b = evaluate.perplexity(model, sp_tok, docs, window=16)
     assert (a.value, a.count) == (b.value, b.count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_nll_in_blocks_equals_full_log_softmax(monkeypatch, dtype):
+    """The blocked fp64 NLL equals the whole-batch fp64 log-softmax it replaced, with blocks that
+    split rows unevenly (5 positions a block over 3 x 7)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 7, 50, generator=gen)).to(dtype)
+    targets = torch.randint(0, 50, (3, 7), generator=gen)
+    want = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    monkeypatch.setattr(evaluate, "NLL_CHUNK_ELEMENTS", 5 * 50)
+    got = evaluate.logits_nll(logits, targets)
+    assert got.dtype == torch.float64 and got.shape == (3, 7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
