@@ -209,7 +209,8 @@ def test_swiglu_impl_equals_megatron():
     assert calls == []
     bias = torch.zeros(96)
     fused(x.reshape(-1, 96), bias)
-    assert len(calls) == 1 and calls[0][1] is bias
+    fused(x.reshape(-1, 96), None, True)  # fp8 storage of the input
+    assert [c[1:3] for c in calls] == [(bias, False), (None, True)]
 
 
 # ---------------------------------------------------------------------------- a real run
@@ -246,8 +247,9 @@ RUN_SCRIPT = textwrap.dedent("""
 def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path):
     """A real 1-process gloo training run (stories260K, fp32, 4 micro-batches of accumulation)
     with every fusion on — megatron's linear layers with gradient_accumulation_fusion through the
-    stand-in module, the patched RoPE, FusedRMSNorm, the Triton SwiGLU backward — gives the loss curve and grad norms of the
-    same run with --no-fused-kernels (which installs nothing), to ~1e-7 (fp32 sum order)."""
+    stand-in module, the patched RoPE, FusedRMSNorm, the Triton SwiGLU backward — gives the loss
+    curve and grad norms of the same run with --no-fused-kernels (which installs nothing), to
+    ~1e-7 (fp32 sum order)."""
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
     stats = {}
