@@ -12,6 +12,7 @@ Measures, in one run on one GPU:
      micro-batches 2, 4, 8, each in a fresh process;
   4. both again at their best micro-batch with 8 micro-batches of gradient accumulation per
      optimizer step (how recovery training runs).
+`--accum-only` runs step 4 alone, at every micro-batch given (for short device calls).
 `--ours-variants fused,unfused` runs ours twice at each of those points: as is (`fused`: the
 fused kernels of megatron_prune.train.fusions, on by default without TE/Apex) and with
 `--no-fused-kernels` (`unfused`), side by side.
