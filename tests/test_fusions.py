@@ -213,6 +213,31 @@ def test_swiglu_impl_equals_megatron():
     assert [c[1:3] for c in calls] == [(bias, False), (None, True)]
 
 
+def test_swiglu_falls_back_to_megatron_when_triton_fails(monkeypatch):
+    """A Triton kernel that fails on its first launch warns once, and the backward is
+    megatron's from then on (the same gradient)."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    def broken(g, y):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(fusions, "_SWIGLU_BACKWARD", fusions._CompiledOnce(broken, compile=False))
+    fused = fusions.make_fused_bias_swiglu_impl(bias_swiglu_impl)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fn in (bias_swiglu_impl, fused, fused):
+        xi = x.clone().requires_grad_()
+        if len(grads) == 1:
+            with pytest.warns(UserWarning, match="compiling broken failed"):
+                fn(xi, None).sum().backward()
+        else:
+            fn(xi, None).sum().backward()
+        grads.append(xi.grad)
+    assert fusions._SWIGLU_BACKWARD.state == "failed"
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], grads[0])
+
+
 # ---------------------------------------------------------------------------- a real run
 RUN_SCRIPT = textwrap.dedent("""
     import collections, json, sys

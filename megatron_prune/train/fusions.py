@@ -67,23 +67,26 @@ def wanted() -> bool:
 
 
 class _CompiledOnce:
-    """`torch.compile(fn)`, compiled on first use. Until a first call has succeeded, a failure
-    (no C compiler, no Triton, an unsupported torch) warns once and makes every call return None,
+    """`torch.compile(fn)` (or `fn` itself, `compile=False`: a kernel that compiles on its own,
+    like Triton's), compiled on first use. Until a first call has succeeded, a failure (no C
+    compiler, no Triton, an unsupported torch) warns once and makes every call return None,
     which tells the caller to run the unfused original instead."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, compile: bool = True):
         self.fn, self.compiled, self.state = fn, None, "new"
+        self.compile = compile
 
     def __call__(self, *args) -> Optional[torch.Tensor]:
         if self.state == "ok":
             return self.compiled(*args)
         if self.state == "failed":
             return None
-        self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+        self.compiled = (torch.compile(self.fn, dynamic=False, fullgraph=True) if self.compile
+                         else self.fn)
         try:
             out = self.compiled(*args)
         except Exception as e:  # compile errors come as several exception types
-            warnings.warn(f"fusions: torch.compile of {self.fn.__name__} failed ({e!r:.300}); "
+            warnings.warn(f"fusions: compiling {self.fn.__name__} failed ({e!r:.300}); "
                           "using the unfused original")
             self.state = "failed"
             return None
@@ -265,31 +268,13 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
 
 
 # ============================================================================ 4. SwiGLU
-class _TritonOnce:
-    """`swiglu_triton.swiglu_backward`, or None where Triton is missing or its first launch
-    failed (warned once): the caller then runs megatron's compiled backward."""
-
-    def __init__(self):
-        self.state = "new"
-
-    def __call__(self, g: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.state == "failed":
-            return None
-        try:
-            from .swiglu_triton import swiglu_backward
-            out = swiglu_backward(g, y)
-        except Exception as e:  # ImportError, or Triton's compile/launch errors
-            if self.state == "ok":
-                raise  # it worked before: a real error, not a missing toolchain
-            warnings.warn(f"fusions: the Triton SwiGLU backward is unavailable ({e!r:.300}); "
-                          "using megatron's")
-            self.state = "failed"
-            return None
-        self.state = "ok"
-        return out
+def triton_swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`swiglu_triton.swiglu_backward`, imported on first use (Triton is optional)."""
+    from .swiglu_triton import swiglu_backward
+    return swiglu_backward(g, y)
 
 
-_SWIGLU_BACKWARD = _TritonOnce()
+_SWIGLU_BACKWARD = _CompiledOnce(triton_swiglu_backward, compile=False)
 
 
 class SwiGLU(torch.autograd.Function):
