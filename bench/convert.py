@@ -6,7 +6,7 @@ written one at a time), then runs, each in a fresh process so its peak RSS is it
 hf-to-megatron at TP4 and at TP2·PP2 (and TP8 at 70B width), megatron-to-hf from TP2·PP2,
 reshard TP4 -> TP2·PP2, prune on the TP4 shards (scores given), and `cp -r` of the HF
 directory; with `--peer`, Megatron-LM's `tools/checkpoint/convert.py --loader llama_mistral
---saver core` (../shared/peers/megatron-lm, on the CPU through tests/peer_shim) at the same
+--saver core` (../shared/peers/megatron-lm, on the CPU through tests/megatron_lm_harness) at the same
 TP/PP beside ours. The page cache is dropped before every operation (as root), and every timing
 includes a final `sync`, so page-cache write-back is paid by all sides alike. Peak RSS is the
 process's VmHWM for ours; for Megatron-LM's converter, whose loader and saver are separate
@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_prune import layout  # noqa: E402
-from megatron_prune.config import ModelConfig  # noqa: E402
-from megatron_prune.hf_checkpoint import write_hf_checkpoint  # noqa: E402
-from megatron_prune.scores import random_scores  # noqa: E402
+from megatron_prune.checkpoint import layout  # noqa: E402
+from megatron_prune.checkpoint.config import ModelConfig  # noqa: E402
+from megatron_prune.checkpoint.hf import write_hf_checkpoint  # noqa: E402
+from megatron_prune.prune.scores import random_scores  # noqa: E402
 
 SHAPES = {
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192,

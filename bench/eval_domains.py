@@ -39,6 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import prune_recover as pr  # noqa: E402
+from prune_recover_stages.data import prepare_data, preprocess_job  # noqa: E402
+from prune_recover_stages.protocol import Protocol, smoke_protocol  # noqa: E402
+from prune_recover_stages.prune import prune_all  # noqa: E402
+from prune_recover_stages.recover import recovery_jobs  # noqa: E402
+from prune_recover_stages.runner import CLI, Runner, _cuda  # noqa: E402
+from prune_recover_stages.teacher import probe_job, teacher_iterations, teacher_job, teacher_summary  # noqa: E402
 
 C4 = Path("corpus") / "c4_sample" / "c4_en_train-00000-of-01024_first1000.jsonl"
 SETS = {"books": "held-out books", "wikitext_lines": "WikiText-2 (lines)",
@@ -63,11 +69,11 @@ def split_c4(path: Path, valid_docs: int) -> tuple:
     return rows[:-valid_docs], rows[-valid_docs:]
 
 
-def prepare_c4(r: pr.Runner, data: dict, path: Path, valid_docs: int, workers: int) -> dict:
+def prepare_c4(r: Runner, data: dict, path: Path, valid_docs: int, workers: int) -> dict:
     train, valid = split_c4(path, valid_docs)
     jsonl = r.work / "data" / "c4_train.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
-    r.run("preprocess_c4", pr.preprocess_job(jsonl, r.work / "data" / "c4_train", data["spm"],
+    r.run("preprocess_c4", preprocess_job(jsonl, r.work / "data" / "c4_train", data["spm"],
                                              workers))
     return {"train": r.work / "data" / "c4_train_text_document", "valid": valid,
             "train_docs": len(train)}
@@ -79,25 +85,25 @@ def blend(books: Path, c4: Path, weight: float) -> str:
 
 
 # ---------------------------------------------------------------------------- teachers
-def train_teachers(r: pr.Runner, p: pr.Protocol, datas: dict, checkpoints: int) -> dict:
+def train_teachers(r: Runner, p: Protocol, datas: dict, checkpoints: int) -> dict:
     """prune_recover.py's teacher once per {name: data}, all at once (probes too), each for
     the iterations the slowest probe allows in --teacher-seconds."""
-    r.run_many(dict(pr.probe_job(r, p, d, n) for n, d in datas.items()), parallel=len(datas))
-    plans = {n: pr.teacher_iterations(r, p, n) for n in datas}
+    r.run_many(dict(probe_job(r, p, d, n) for n, d in datas.items()), parallel=len(datas))
+    plans = {n: teacher_iterations(r, p, n) for n in datas}
     slowest = max(plans.values(), key=lambda plan: plan[1])  # the same tokens for every teacher
     plans = {n: slowest for n in datas}
-    jobs = {n: pr.teacher_job(r, p, d, plans[n][0], n) + [
+    jobs = {n: teacher_job(r, p, d, plans[n][0], n) + [
         "--save-interval", max(1, plans[n][0] // checkpoints), "--no-save-optim"]
         for n, d in datas.items()}
     t0 = time.time()
     r.run_many(jobs, parallel=len(jobs))
-    return {n: pr.teacher_summary(r, p, *plans[n], t0, n) for n in datas}
+    return {n: teacher_summary(r, p, *plans[n], t0, n) for n in datas}
 
 
 def checkpoint_views(root: Path, views: Path) -> dict:
     """{iteration: folder} of the checkpoints a run saved before its last, each a folder whose
     tracker names it (the loaders read the tracker's iteration)."""
-    from megatron_prune.megatron_checkpoint import TRACKER, iter_dir_name, read_tracker
+    from megatron_prune.checkpoint.megatron_dirs import TRACKER, iter_dir_name, read_tracker
     last, out = int(read_tracker(root)), {}
     for d in sorted(root.glob("iter_*")):
         it = int(d.name[len("iter_"):])
@@ -125,11 +131,11 @@ class SpecialStringsAsTokens:
         return self.tok.decode(ids)
 
 
-def text_sets(p: pr.Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) -> dict:
+def text_sets(p: Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) -> dict:
     """The token windows every model is scored on, tokenized once with SentencePiece (as
     `preprocess` tokenized the training data), but "wikitext_hf" (`SETS`)."""
-    from megatron_prune.evaluate import read_documents, rolling_windows, token_windows
-    from megatron_prune.tokenizers import build_tokenizer
+    from megatron_prune.eval.evaluate import read_documents, rolling_windows, token_windows
+    from megatron_prune.data.tokenizers import build_tokenizer
     tok = build_tokenizer("Llama2Tokenizer", data["spm"])
     docs = {"books": data["valid_rows"], "c4": c4_valid,
             "wikitext_lines": read_documents([wiki], txt_mode="lines"),
@@ -144,12 +150,12 @@ def text_sets(p: pr.Protocol, data: dict, c4_valid: list, wiki: Path, hf_tok) ->
             "wiki_text": wiki.read_text(encoding="utf-8"), "sp": tok}
 
 
-def score_models(r: pr.Runner, p: pr.Protocol, sets: dict, hf_tok, models: dict) -> dict:
+def score_models(r: Runner, p: Protocol, sets: dict, hf_tok, models: dict) -> dict:
     """Every set and metric, and the WikiText-2 loss breakdown, of each checkpoint."""
     import torch
 
-    from megatron_prune.evaluate import loss_breakdown, score, windows_perplexity
-    from megatron_prune.hf_model import load_hf_model
+    from megatron_prune.eval.evaluate import loss_breakdown, score, windows_perplexity
+    from megatron_prune.checkpoint.hf_model import load_hf_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for name, path in models.items():
@@ -171,17 +177,17 @@ def score_models(r: pr.Runner, p: pr.Protocol, sets: dict, hf_tok, models: dict)
     return out
 
 
-def transformers_check(r: pr.Runner, sets: dict, teacher: Path) -> dict:
+def transformers_check(r: Runner, sets: dict, teacher: Path) -> dict:
     """The teacher's mean NLL on prune_recover.py's windows, by the project (`windows_perplexity`
     of `load_hf_model`) and by transformers alone (LlamaForCausalLM.from_pretrained of the
     `megatron-to-hf` export, its own `labels=` loss)."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from megatron_prune.evaluate import windows_perplexity
-    from megatron_prune.hf_model import load_hf_model
+    from megatron_prune.eval.evaluate import windows_perplexity
+    from megatron_prune.checkpoint.hf_model import load_hf_model
     hf_dir = r.work / "teacher_hf"
-    r.run("export_teacher", pr.CLI + ["megatron-to-hf", "--load", teacher, "--save", hf_dir,
+    r.run("export_teacher", CLI + ["megatron-to-hf", "--load", teacher, "--save", hf_dir,
                                       "--dtype", "fp32", "--force"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
@@ -329,14 +335,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before the imports that bring tqdm in
     a = parse_args(argv)
-    p = pr.smoke_protocol() if a.smoke else pr.Protocol()
+    p = smoke_protocol() if a.smoke else Protocol()
     p.teacher_seconds = a.teacher_seconds or (p.teacher_seconds if a.smoke else 110.0)
     p.recover_fraction = a.recover_fraction
     if a.smoke:  # ~10 forward passes of each set per model: keep the CPU's share small
         p.eval_tokens = 2048
     if a.eval_tokens:
         p.eval_tokens = a.eval_tokens
-    cuda = pr._cuda()
+    cuda = _cuda()
     p.bf16 = p.bf16 and cuda
     out, t_start = Path(a.out), time.time()
     work = out / "work"
@@ -345,11 +351,11 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True)
     (work / "recovered").mkdir()
-    r = pr.Runner(work, out / "run.log", gpus=1 if cuda else 0)
+    r = Runner(work, out / "run.log", gpus=1 if cuda else 0)
     (out / "run.log").write_text("")
-    from megatron_prune.calibration import load_tokenizer
+    from megatron_prune.data.calibration import load_tokenizer
     with r.stage("data"):
-        data = pr.prepare_data(r, p, a.data, a.workers)
+        data = prepare_data(r, p, a.data, a.workers)
         c4 = prepare_c4(r, data, a.data / C4, a.c4_valid_docs, a.workers)
         hf_tok = load_tokenizer(data["tokenizer"])
         sets = text_sets(p, data, c4["valid"], a.data / "wikitext-2" / "valid.txt", hf_tok)
@@ -363,8 +369,8 @@ def main(argv=None) -> int:
               f"checkpoints at {sorted(t['checkpoints'])}")
     p.recover_iters = pr.recovery_iterations(p, teachers["teacher"]["tokens"])
     with r.stage("prune"):
-        pruned = pr.prune_all(r, p, data, ["activation"])
-    jobs, _ = pr.recovery_jobs(r, p, data, pruned, ["activation"], skip=("activation_lm",))
+        pruned = prune_all(r, p, data, ["activation"])
+    jobs, _ = recovery_jobs(r, p, data, pruned, ["activation"], skip=("activation_lm",))
     models = {n: work / n for n in teachers}
     models.update({f"{n}@{it}": view for n, t in teachers.items()
                    for it, view in t["checkpoints"].items()})

@@ -332,9 +332,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU works too)")
     a = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are fp32
-    from megatron_prune import mcore_model
-    mcore_model.cpu_patches()  # --smoke on the CPU; nothing with CUDA
-    with mcore_model._quiet_megatron_import():  # megatron's expected no-TE/Apex warnings, once
+    from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
+    from megatron_prune.mcore.cpu import cpu_patches
+    cpu_patches()  # --smoke on the CPU; nothing with CUDA
+    with quiet_megatron_import():  # megatron's expected no-TE/Apex warnings, once
         import megatron.core.models.common.embeddings.rotary_pos_embedding  # noqa: F401
     t0 = time.time()
     env = environment()

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from convert import SHAPES, make_random_hf  # noqa: E402
-from megatron_prune.config import ModelConfig  # noqa: E402
-from megatron_prune.convert import open_source  # noqa: E402
-from megatron_prune.hf_model import hf_model_from_source  # noqa: E402
-from megatron_prune.importance import activation_scores, taylor_scores  # noqa: E402
+from megatron_prune.checkpoint.config import ModelConfig  # noqa: E402
+from megatron_prune.checkpoint.convert import open_source  # noqa: E402
+from megatron_prune.checkpoint.hf_model import hf_model_from_source  # noqa: E402
+from megatron_prune.prune.importance_hf import activation_scores, taylor_scores  # noqa: E402
 
 
 def sync():

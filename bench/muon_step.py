@@ -42,8 +42,8 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_prune import layout  # noqa: E402
-from megatron_prune.config import ModelConfig  # noqa: E402
+from megatron_prune.checkpoint import layout  # noqa: E402
+from megatron_prune.checkpoint.config import ModelConfig  # noqa: E402
 from megatron_prune.train import muon  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "models" / "stories260K"
 
-from megatron_prune.calibration import calibration_batches, load_tokenizer  # noqa: E402
-from megatron_prune.convert import open_source  # noqa: E402
-from megatron_prune.hf_model import load_hf_model  # noqa: E402
-from megatron_prune.importance import compute_importance  # noqa: E402
-from megatron_prune.llama2c import import_llama2c  # noqa: E402
-from megatron_prune.prune_plan import PruneTarget, make_plan  # noqa: E402
-from megatron_prune.pruning import prune_hf  # noqa: E402
-from megatron_prune.scores import magnitude_scores, random_scores  # noqa: E402
+from megatron_prune.data.calibration import calibration_batches, load_tokenizer  # noqa: E402
+from megatron_prune.checkpoint.convert import open_source  # noqa: E402
+from megatron_prune.checkpoint.hf_model import load_hf_model  # noqa: E402
+from megatron_prune.prune.importance_hf import compute_importance  # noqa: E402
+from megatron_prune.checkpoint.llama2c import import_llama2c  # noqa: E402
+from megatron_prune.prune.plan import PruneTarget, make_plan  # noqa: E402
+from megatron_prune.prune.apply import prune_hf  # noqa: E402
+from megatron_prune.prune.scores import magnitude_scores, random_scores  # noqa: E402
 
 # 8 heads / 4 KV groups, FFN 172: "25%" and "50%" of heads + FFN neurons removed
 TARGETS = {

@@ -53,7 +53,7 @@ def _sync():
 
 
 def model_config():
-    from megatron_prune.config import ModelConfig
+    from megatron_prune.checkpoint.config import ModelConfig
     return ModelConfig(num_layers=SHAPE["num_layers"], hidden_size=SHAPE["hidden_size"],
                        ffn_hidden_size=SHAPE["ffn_hidden_size"],
                        num_attention_heads=SHAPE["num_attention_heads"],

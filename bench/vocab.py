@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from emb_pruner.corpus import iter_gutenberg  # noqa: E402
-from emb_pruner.freq import count_frequencies, make_tasks  # noqa: E402
-from emb_pruner.select import select_tokens  # noqa: E402
-from emb_pruner.vocab import load_vocabulary  # noqa: E402
-from megatron_prune.config import ModelConfig  # noqa: E402
+from megatron_prune.vocab.corpus import iter_gutenberg  # noqa: E402
+from megatron_prune.vocab.freq import count_frequencies, make_tasks  # noqa: E402
+from megatron_prune.vocab.select import select_tokens  # noqa: E402
+from megatron_prune.vocab.load import load_vocabulary
+from megatron_prune.checkpoint.config import ModelConfig  # noqa: E402
 
 TOKENIZERS = {
     "Llama-2 (SentencePiece)": DATA / "tokenizers" / "llama2" / "tokenizer.model",

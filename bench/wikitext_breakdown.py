@@ -3,7 +3,7 @@ markup, and the perplexities of the tokenized and the detokenized text side by s
 
 The tokenized WikiText-2 (`../shared/data/wikitext-2/valid.txt`) is scored as one document by
 `megatron-prune eval`'s rolling protocol (every token predicted once); each token is put in the
-first `megatron_prune.wikitext.MARKUP` category whose characters it overlaps: newlines,
+first `megatron_prune.eval.wikitext.MARKUP` category whose characters it overlaps: newlines,
 ` @-@ ` / ` @,@ ` / ` @.@ `, `<unk>`, a space before punctuation, or other. Then the same text is
 scored as `--txt-mode lines` (the older reading: lines joined by blank lines) and as
 `--txt-mode wikitext` (articles, detokenized, as lm-eval's wikitext task), with token and word
@@ -36,10 +36,10 @@ def breakdown_lines(parts: dict) -> list:
 
 
 def run(model_path: str, data: Path, window: int, max_tokens=None, batch_size: int = 8) -> dict:
-    from megatron_prune import evaluate
-    from megatron_prune.calibration import load_tokenizer
-    from megatron_prune.hf_checkpoint import model_tokenizer_dir
-    from megatron_prune.hf_model import load_hf_model
+    from megatron_prune.eval import evaluate
+    from megatron_prune.data.calibration import load_tokenizer
+    from megatron_prune.checkpoint.hf import model_tokenizer_dir
+    from megatron_prune.checkpoint.hf_model import load_hf_model
     model = load_hf_model(model_path)
     tok = load_tokenizer(model_tokenizer_dir(model_path))
     parts = evaluate.loss_breakdown(model, tok, data.read_text(encoding="utf-8"), window,

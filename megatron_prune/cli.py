@@ -10,9 +10,9 @@ import importlib
 import logging
 import sys
 
-from .config import ConfigError
-from .fsutil import OutputExistsError
-from .tensor_io import CheckpointReadError
+from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.checkpoint.fsutil import OutputExistsError
+from megatron_prune.checkpoint.tensor_io import CheckpointReadError
 
 # (command, module) in the order `--help` lists them.
 COMMANDS = (

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_prune.cli import USER_ERRORS  # noqa: E402
 from megatron_prune.commands.prune import _report, namespace_from_config, target_from  # noqa: E402
-from megatron_prune.pruning import prune_hf  # noqa: E402
+from megatron_prune.prune.apply import prune_hf  # noqa: E402
 
 
 def main(argv=None) -> int:

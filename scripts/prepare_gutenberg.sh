@@ -2,7 +2,7 @@
 # The Gutenberg corpus (../shared/data/corpus/gutenberg_en.tar.xz, 101 English books) as Megatron
 # indexed datasets for pretraining / recovery training:
 #   unpack into a temp dir -> keep only the text between each book's `*** START OF` and
-#   `*** END OF` lines, CRLF -> LF (megatron_prune/corpus.py) -> one jsonl line per book, the last
+#   `*** END OF` lines, CRLF -> LF (megatron_prune/data/corpus.py) -> one jsonl line per book, the last
 #   5 books by file name held out for validation -> tokenize with the Llama-2 tokenizer, EOD after
 #   every book (megatron-prune preprocess).
 # usage: bash scripts/prepare_gutenberg.sh [OUTDIR] [WORKERS]
@@ -37,7 +37,7 @@ mkdir "$TMP/jsonl"
 step "strip the Gutenberg header/footer, write jsonl (last $VALID_BOOKS books by file name -> validation)"
 python3 - "$TMP" "$TMP/jsonl" "$VALID_BOOKS" <<'EOF'
 import sys
-from megatron_prune.corpus import write_gutenberg_jsonl
+from megatron_prune.data.corpus import write_gutenberg_jsonl
 src, dst, valid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 counts = write_gutenberg_jsonl(src, f"{dst}/train.jsonl", f"{dst}/valid.jsonl", valid_books=valid)
 for split, c in counts.items():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_prune.cli import main
-from megatron_prune.tensor_io import torch_load
+from megatron_prune.checkpoint.tensor_io import torch_load
 
 
 def hf_tensors(path) -> dict:

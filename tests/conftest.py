@@ -10,7 +10,7 @@ import pytest
 def stories260k_hf(tmp_path_factory) -> Path:
     """stories260K (llama2.c, ../shared/data) imported to a Hugging Face directory, fp32, with
     its tokenizer. Read-only for tests: copy it before changing anything."""
-    from megatron_prune.llama2c import import_llama2c
+    from megatron_prune.checkpoint.llama2c import import_llama2c
 
     src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K"
     out = tmp_path_factory.mktemp("stories260k") / "hf"

@@ -11,10 +11,10 @@ import torch
 
 from checks import assert_same_checkpoint, assert_same_tensors, cli_fails, hf_tensors
 from hf_models import make_hf_llama
-from megatron_prune import convert, layout
+from megatron_prune.checkpoint import convert, layout
 from megatron_prune.cli import main
-from megatron_prune.megatron_checkpoint import LegacyCheckpoint
-from megatron_prune.tensor_io import torch_load
+from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+from megatron_prune.checkpoint.tensor_io import torch_load
 
 
 MODELS = {
@@ -375,7 +375,7 @@ def test_help(cmd, capsys):
 def test_save_streamed_is_what_torch_save_writes(tmp_path):
     """tensor_io.save_streamed: torch.load gives back every tensor (views, a 0-dim tensor, mixed
     dtypes) and the None entries, as from torch.save of the whole dict."""
-    from megatron_prune import tensor_io
+    from megatron_prune.checkpoint import tensor_io
     base = torch.randn(8, 6)
     made = {"a": base[:, 2:4], "b": torch.tensor(3.5, dtype=torch.bfloat16), "c": None,
             "d": torch.arange(7, dtype=torch.int64), "e": torch.zeros(0, 3)}
@@ -391,7 +391,7 @@ def test_save_streamed_is_what_torch_save_writes(tmp_path):
 
 def test_save_streamed_surfaces_a_failed_write(tmp_path, monkeypatch):
     """An error in the writer thread is raised to the caller (which never blocks on it)."""
-    from megatron_prune import tensor_io
+    from megatron_prune.checkpoint import tensor_io
 
     def boom(fd, t, offset):
         raise ValueError("disk on fire")

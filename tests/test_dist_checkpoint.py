@@ -16,13 +16,15 @@ import torch
 
 from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
 from hf_models import make_hf_llama
-from megatron_prune import convert, layout
-from megatron_prune.megatron_checkpoint import LegacyCheckpoint, checkpoint_format, open_megatron
-from megatron_prune.tensor_io import CheckpointReadError, torch_load
+from megatron_prune.checkpoint import convert, layout
+from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+from megatron_prune.checkpoint.megatron import open_megatron
+from megatron_prune.checkpoint.megatron_dirs import checkpoint_format
+from megatron_prune.checkpoint.tensor_io import CheckpointReadError, torch_load
 
 pytest.importorskip("megatron.core")
-from megatron_prune import dist_checkpoint  # noqa: E402  (imports megatron.core)
-from megatron_prune.dist_checkpoint import DistCheckpoint  # noqa: E402
+from megatron_prune.checkpoint import torch_dist as dist_checkpoint  # noqa: E402
+from megatron_prune.checkpoint.torch_dist import DistCheckpoint  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -237,15 +239,17 @@ WORKER = textwrap.dedent('''
 
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
-        from megatron_prune import mcore_model
-        from megatron_prune.dist_checkpoint import CONTENT_METADATA, DistCheckpoint
+        from megatron_prune.mcore.load import load_legacy_into_model
+        from megatron_prune.mcore.model import build_gpt_model
+        from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
+        from megatron_prune.checkpoint.torch_dist import CONTENT_METADATA, DistCheckpoint
 
         torch.serialization.add_safe_globals([argparse.Namespace])  # common.pt holds the args
-        info = mcore_model.init_distributed(a.tp, a.pp)
+        info = init_distributed(a.tp, a.pp)
         ckpt = DistCheckpoint(a.dist)
 
         def build():
-            model = mcore_model.build_gpt_model(ckpt.config, impl="local", dtype=ckpt.dtype,
+            model = build_gpt_model(ckpt.config, impl="local", dtype=ckpt.dtype,
                                                 divisible_by=ckpt.divisible_by)
             # Megatron-LM's Float16Module casts everything (the local spec's torch norms are
             # created in fp32 whatever params_dtype says)
@@ -257,7 +261,7 @@ WORKER = textwrap.dedent('''
         assert loaded["iteration"] == 1 and loaded["args"].num_layers == ckpt.config.num_layers
         model.load_state_dict(loaded["model"], strict=True)
         ref = build()
-        mcore_model.load_legacy_into_model(ref, a.legacy)
+        load_legacy_into_model(ref, a.legacy)
         got, want = model.state_dict(), ref.state_dict()
         assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
         n = 0
@@ -281,7 +285,7 @@ WORKER = textwrap.dedent('''
             if info["rank"] == 0:
                 (Path(a.save) / "latest_checkpointed_iteration.txt").write_text("1")
             print(f"SAVED rank {info['rank']}", flush=True)
-        mcore_model.destroy_distributed()
+        destroy_distributed()
 
 
     if __name__ == "__main__":

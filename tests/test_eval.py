@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from hf_models import make_hf_llama
-from megatron_prune import convert, evaluate
-from megatron_prune.calibration import load_tokenizer
+from megatron_prune.checkpoint import convert
+from megatron_prune.eval import evaluate
+from megatron_prune.data.calibration import load_tokenizer
 from megatron_prune.cli import main
-from megatron_prune.hf_model import load_hf_model
+from megatron_prune.checkpoint.hf_model import load_hf_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -244,7 +245,7 @@ def test_special_token_strings_in_text_are_scored_as_text(stories260k_hf):
     tokenizer it became the unknown-token id 0, which the training data (SentencePiece, as
     `preprocess` tokenizes) never holds; scored as text, the ids and the perplexity equal those
     of SentencePiece's tokens."""
-    from megatron_prune.tokenizers import build_tokenizer
+    from megatron_prune.data.tokenizers import build_tokenizer
     model = load_hf_model(stories260k_hf, device="cpu", dtype=torch.float32)
     hf_tok = load_tokenizer(stories260k_hf)
     sp_tok = build_tokenizer("Llama2Tokenizer", stories260k_hf / "tokenizer.model")

@@ -36,7 +36,7 @@ def test_blend_is_one_argument_the_trainer_splits(tmp_path):
 
 
 def test_checkpoint_views_name_each_earlier_iteration(tmp_path):
-    from megatron_prune.megatron_checkpoint import TRACKER, read_tracker
+    from megatron_prune.checkpoint.megatron_dirs import TRACKER, read_tracker
     root = tmp_path / "teacher"
     for it in (10, 20, 30):
         (root / f"iter_{it:07d}").mkdir(parents=True)

@@ -21,8 +21,8 @@ from test_train import ENV, ROOT, common, ok, records, shakespeare, stories_tp1 
 
 @pytest.fixture(scope="module")
 def rope_utils():
-    from megatron_prune import mcore_model
-    mcore_model.cpu_patches()
+    from megatron_prune.mcore.cpu import cpu_patches
+    cpu_patches()
     from megatron.core.models.common.embeddings import rope_utils
     return rope_utils
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_prune import convert
+from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
-from megatron_prune.hf_model import load_hf_model
-from megatron_prune.prune_plan import PruneTarget, make_plan
-from megatron_prune.pruning import PrunedSource
-from megatron_prune.hf_model import hf_model_from_source
-from megatron_prune.scores import ImportanceScores, random_scores
+from megatron_prune.checkpoint.hf_model import load_hf_model
+from megatron_prune.prune.plan import PruneTarget, make_plan
+from megatron_prune.prune.apply import PrunedSource
+from megatron_prune.checkpoint.hf_model import hf_model_from_source
+from megatron_prune.prune.scores import ImportanceScores, random_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from prune_quality import kl_and_ppl, sample_text  # noqa: E402
@@ -22,7 +22,7 @@ from prune_quality import kl_and_ppl, sample_text  # noqa: E402
 @pytest.fixture(scope="module")
 def sampled(stories260k_hf, tmp_path_factory):
     """Text sampled from stories260K: calibration (seeds 0-2) and held-out (another seed)."""
-    from megatron_prune.calibration import load_tokenizer
+    from megatron_prune.data.calibration import load_tokenizer
     d = tmp_path_factory.mktemp("sampled")
     model = load_hf_model(stories260k_hf)
     tok = load_tokenizer(stories260k_hf)
@@ -60,8 +60,8 @@ def test_taylor_scores(stories260k_hf, sampled, tmp_path):
 def test_activation_beats_random_masks_on_stories260k(stories260k_hf, sampled):
     """Prune 50% of heads (8 -> 4, in every KV group) and FFN neurons (172 -> 86): activation
     importance keeps the model closer to the original than seeded random masks, for 3 seeds."""
-    from megatron_prune.calibration import calibration_batches, load_tokenizer
-    from megatron_prune.importance import compute_importance
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.prune.importance_hf import compute_importance
     src = convert.open_source(stories260k_hf)
     ref = load_hf_model(stories260k_hf)
     tok = load_tokenizer(stories260k_hf)
@@ -83,9 +83,9 @@ def test_layer_loss_is_the_loss_of_the_model_without_that_layer(stories260k_hf, 
     """`importance --layer-loss`: the calibration loss with layer i skipped equals the loss of
     the model pruned to drop layer i; `prune --layer-method perplexity` keeps the layers whose
     skipping costs most. Without the data pass the flag is refused."""
-    from megatron_prune.calibration import calibration_batches, load_tokenizer
-    from megatron_prune.importance import _mean_loss
-    from megatron_prune.prune_plan import PrunePlan
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.prune.importance_hf import _mean_loss
+    from megatron_prune.prune.plan import PrunePlan
     calib = ["--data", str(sampled[0]), "--samples", "8", "--seq-length", "64",
              "--micro-batch-size", "3"]
     assert main(["importance", "--hf-dir", str(stories260k_hf), "--layer-loss",
@@ -124,7 +124,7 @@ def test_boundary_angles_in_token_chunks(monkeypatch):
     """The layer-boundary cosines (Block Influence and the angular distances), computed from
     token chunks of the boundaries' Gram matrices, equal a direct fp64 computation, in fp32
     and from bf16 boundaries (as far as bf16 holds them)."""
-    from megatron_prune import importance
+    from megatron_prune.prune import importance_hf as importance
     torch.manual_seed(0)
     base = torch.randn(3, 10, 32, dtype=torch.float64)
     boundary = [base + 0.3 * i * torch.randn_like(base) for i in range(5)]  # 4 layers

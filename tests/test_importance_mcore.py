@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_prune import convert
+from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
-from megatron_prune.scores import ImportanceScores
+from megatron_prune.prune.scores import ImportanceScores
 
 from hf_models import make_hf_llama
 
@@ -65,8 +65,8 @@ def calib(stories260k_hf, tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from prune_quality import sample_text
 
-    from megatron_prune.calibration import load_tokenizer
-    from megatron_prune.hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
+    from megatron_prune.checkpoint.hf_model import load_hf_model
     d = tmp_path_factory.mktemp("calib")
     text = d / "calib.txt"
     text.write_text("\n\n".join(sample_text(load_hf_model(stories260k_hf),
@@ -119,10 +119,10 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
     the loss): activation and taylor on one 2-rank launch at PP=2 (the checkpoint's), at TP=2
     (resharded on load) and at TP=PP=1 with 2 data-parallel replicas sharing an odd number of
     micro-batches; all equal the HF path."""
-    from megatron_prune.hf_model import load_hf_model
-    from megatron_prune.importance import activation_scores, layer_losses, taylor_scores
-    from megatron_prune.megatron_checkpoint import LegacyCheckpoint
-    from megatron_prune.verify import random_tokens
+    from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.prune.importance_hf import activation_scores, layer_losses, taylor_scores
+    from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+    from megatron_prune.eval.verify import random_tokens
 
     hf = make_hf_llama(tmp_path / "hf")
     convert.hf_to_megatron(hf, tmp_path / "pp2", pp=2)
@@ -130,8 +130,8 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import torch
         import torch.distributed as dist
-        from megatron_prune.importance_mcore import compute_importance_megatron
-        from megatron_prune.verify import random_tokens
+        from megatron_prune.prune.importance_mcore import compute_importance_megatron
+        from megatron_prune.eval.verify import random_tokens
         x = random_tokens(300, 6, 24, 0)
         dist.init_process_group("gloo")  # kept across the calls below
         for method in ("activation", "taylor"):

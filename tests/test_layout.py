@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_prune import layout
-from megatron_prune.config import ModelConfig
-from megatron_prune.convert import megatron_rank_state
-from megatron_prune.prune_plan import PruneTarget, make_plan
-from megatron_prune.pruning import PrunedSource
-from megatron_prune.scores import random_scores
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.config import ModelConfig
+from megatron_prune.checkpoint.convert import megatron_rank_state
+from megatron_prune.prune.plan import PruneTarget, make_plan
+from megatron_prune.prune.apply import PrunedSource
+from megatron_prune.prune.scores import random_scores
 
 LLAMA3_70B = ModelConfig(num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
                          num_attention_heads=64, num_query_groups=8, head_dim=128,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_prune import llama2c
+from megatron_prune.checkpoint import llama2c
 from megatron_prune.cli import main
 from checks import cli_fails
 

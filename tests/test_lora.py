@@ -43,16 +43,16 @@ def lora_run(stories_tp1, shakespeare, tmp_path_factory):
 
 
 def _rank_file(ckpt: Path, rank: str = "mp_rank_00") -> dict:
-    from megatron_prune.megatron_checkpoint import read_tracker
-    from megatron_prune.tensor_io import torch_load
+    from megatron_prune.checkpoint.megatron_dirs import read_tracker
+    from megatron_prune.checkpoint.tensor_io import torch_load
     it = read_tracker(ckpt)
     return torch_load(ckpt / f"iter_{int(it):07d}" / rank / "model_optim_rng.pt", mmap_=False)
 
 
 def _source_by_local_name(stories_tp1: Path) -> dict:
     """The start checkpoint's tensors (TE names) under the local-spec names LoRA trains with."""
-    from megatron_prune import layout
-    from megatron_prune.megatron_checkpoint import LegacyCheckpoint
+    from megatron_prune.checkpoint import layout
+    from megatron_prune.checkpoint.legacy import LegacyCheckpoint
     cfg = LegacyCheckpoint(stories_tp1).config
     ranges = [(0, cfg.num_layers)]
     te = layout.stage_entries(cfg, layout.TE, 0, ranges)
@@ -178,13 +178,13 @@ def _export(ckpt: Path, out: Path) -> Path:
 
 LOGITS_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from megatron_prune import mcore_model as mm
+    from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
     from megatron_prune.train import arguments, model as model_mod, trainer as T
 
     if __name__ == "__main__":
         out = sys.argv[1]
         args = arguments.parse_args(sys.argv[2:])
-        env = mm.init_distributed(1, 1)
+        env = init_distributed(1, 1)
         T.training_cpu_patches()
         tr = T.Trainer(args, env)  # resumes the finished run: base and adapters, unmerged
         assert tr.resume and tr.state.iteration == 6
@@ -195,7 +195,7 @@ LOGITS_SCRIPT = textwrap.dedent("""
                                batch.get("attention_mask"))
             logits = hidden @ model_mod.output_weight(tr.module).T
         torch.save({"tokens": batch["tokens"], "logits": logits[..., :tr.cfg.vocab_size]}, out)
-        mm.destroy_distributed()
+        destroy_distributed()
 """)
 
 
@@ -208,8 +208,8 @@ def test_merged_export_loads_in_transformers_with_the_trained_logits(
     from transformers import LlamaForCausalLM
 
     from checks import hf_tensors
-    from megatron_prune import layout
-    from megatron_prune.megatron_checkpoint import LegacyCheckpoint
+    from megatron_prune.checkpoint import layout
+    from megatron_prune.checkpoint.legacy import LegacyCheckpoint
     hf = _export(lora_run / "save", tmp_path / "hf")
     cfg = LegacyCheckpoint(stories_tp1).config
     lora = _rank_file(lora_run / "save")["lora"]
@@ -296,7 +296,7 @@ def test_lora_with_logit_and_hidden_state_distillation(stories_tp1, shakespeare,
      "needs the local layer spec"),
 ])
 def test_refused_before_any_process_group(flags, message):
-    from megatron_prune.config import ConfigError
+    from megatron_prune.checkpoint.config import ConfigError
     from megatron_prune.train.arguments import parse_args
     args = parse_args(["--pretrained-checkpoint", "ckpt", "--mock-data", "--train-iters", "1",
                        "--seq-length", "8", *flags])

@@ -17,7 +17,7 @@ import torch
 
 from checks import hf_tensors
 from hf_models import make_hf_llama
-from megatron_prune.config import ModelConfig
+from megatron_prune.checkpoint.config import ModelConfig
 from megatron_lm import (PEER, SCRIPTS, assert_same_weights, convert, rank_files, requires_peer,
                          run_peer)
 

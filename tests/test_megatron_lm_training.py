@@ -11,7 +11,7 @@ B. Megatron-LM's own model builder and `load_checkpoint` (`--use-checkpoint-args
    `megatron-prune hf-to-megatron` / `prune` / `train` write (TP=1, TP=2, torch_dist resharded on
    load, Llama-3 RoPE, tied), and give the HF model's logits.
 
-The CPU stand-ins Megatron-LM needs are in tests/megatron_lm_train_shim/mlm_cpu.py.
+Megatron-LM runs through tests/megatron_lm.py (its CPU stand-ins: tests/megatron_lm_harness).
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import megatron_lm_train_support as mlm
+import megatron_lm as mlm
+import megatron_lm_states as mlm_states
 from checks import hf_tensors, write_indexed_dataset
 from megatron_prune.cli import main
 
 pytest.importorskip("megatron.core")
-if not (mlm.MEGATRON_LM / "pretrain_gpt.py").is_file():
-    pytest.skip(f"Megatron-LM is not at {mlm.MEGATRON_LM}", allow_module_level=True)
+if not (mlm.PEER / "pretrain_gpt.py").is_file():
+    pytest.skip(f"Megatron-LM is not at {mlm.PEER}", allow_module_level=True)
 
 SHAPE = dict(heads=8, groups=4, head_dim=8)
 VOCAB = mlm.NULL_VOCAB + 1  # Megatron-LM's NullTokenizer: --vocab-size ids and the EOD id
@@ -71,7 +72,7 @@ def mlm_tp2_dist(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------- A: tests
 def test_megatron_lm_checkpoint_to_hf_bit_exact(mlm_tp1, tmp_path):
-    states = mlm.legacy_model_states(mlm_tp1)
+    states = mlm_states.legacy_model_states(mlm_tp1)
     assert list(states) == [(0, 0)]
     saved = states[(0, 0)]
     assert saved["checkpoint_version"] == 3.0 and saved["iteration"] == 3
@@ -79,7 +80,7 @@ def test_megatron_lm_checkpoint_to_hf_bit_exact(mlm_tp1, tmp_path):
     model = saved["model"]
     assert model["embedding.word_embeddings.weight"].shape[0] == 384  # 301 padded to 128
     got = export(mlm_tp1, tmp_path / "hf")
-    want = mlm.hf_reference(tensors_of(model), vocab=VOCAB, **SHAPE)
+    want = mlm_states.hf_reference(tensors_of(model), vocab=VOCAB, **SHAPE)
     assert_equal_tensors(got, want)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     # the EOD token of NullTokenizer (id 300) is a real token; rows 301..383 are padding
@@ -92,11 +93,11 @@ def test_megatron_lm_checkpoint_to_hf_bit_exact(mlm_tp1, tmp_path):
 def test_megatron_lm_checkpoint_reshard_round_trip(mlm_tp1, tmp_path):
     assert main(["reshard", "--load", str(mlm_tp1), "--save", str(tmp_path / "tp2pp2"),
                  "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
-    assert len(mlm.legacy_model_states(tmp_path / "tp2pp2")) == 4
+    assert len(mlm_states.legacy_model_states(tmp_path / "tp2pp2")) == 4
     assert main(["reshard", "--load", str(tmp_path / "tp2pp2"), "--save", str(tmp_path / "tp1"),
                  "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1"]) == 0
-    orig = tensors_of(mlm.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
-    back = tensors_of(mlm.legacy_model_states(tmp_path / "tp1")[(0, 0)]["model"])
+    orig = tensors_of(mlm_states.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
+    back = tensors_of(mlm_states.legacy_model_states(tmp_path / "tp1")[(0, 0)]["model"])
     # Every real tensor and row comes back bit for bit. The padding rows (301..383) are not
     # kept: the project writes them as zeros (Megatron-LM's own converter fills them with copies
     # of the last row); they are never tokens.
@@ -110,7 +111,7 @@ def test_megatron_lm_checkpoint_reshard_round_trip(mlm_tp1, tmp_path):
 
 
 def test_megatron_lm_checkpoint_prunes(mlm_tp1, tmp_path):
-    from megatron_prune.pruning import PLAN_FILE, prune_hf
+    from megatron_prune.prune.apply import PLAN_FILE, prune_hf
     assert main(["prune", "--load", str(mlm_tp1), "--save", str(tmp_path / "pruned"),
                  "--hidden-size-remain", "48", "--num-attention-heads-remain", "4",
                  "--ffn-hidden-size-remain", "64", "--drop-layers", "1",
@@ -138,7 +139,8 @@ def train(load: Path, save: Path, tmp_path: Path, *extra) -> subprocess.Complete
              "--log-json", tmp_path / "log.jsonl", *extra]
     return subprocess.run([sys.executable, "-m", "megatron_prune.train"] + [str(f) for f in flags],
                           capture_output=True, text=True, timeout=240, cwd=mlm.ROOT,
-                          env=dict(mlm.env(), PYTHONPATH=str(mlm.ROOT)))
+                          env=dict(mlm.peer_env("train"), PYTHONPATH=str(mlm.ROOT),
+                                   MEGATRON_LM_HARNESS=""))
 
 
 def test_trainer_starts_from_megatron_lm_checkpoint(mlm_tp1, tmp_path):
@@ -152,20 +154,20 @@ def test_trainer_starts_from_megatron_lm_checkpoint(mlm_tp1, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "eval" not in r]
     assert len(losses) == 2 and all(4.0 < x < 8.0 for x in losses), losses
-    orig = tensors_of(mlm.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
-    after = tensors_of(mlm.legacy_model_states(save)[(0, 0)]["model"])
+    orig = tensors_of(mlm_states.legacy_model_states(mlm_tp1)[(0, 0)]["model"])
+    after = tensors_of(mlm_states.legacy_model_states(save)[(0, 0)]["model"])
     assert_equal_tensors({k: after[k] for k in orig}, orig)
 
 
 def test_megatron_lm_tp2_torch_dist_to_hf_bit_exact(mlm_tp2_dist, tmp_path):
     meta = json.loads((mlm_tp2_dist / "iter_0000003" / "metadata.json").read_text())
     assert meta["sharded_backend"] == "torch_dist"
-    full = mlm.dist_model_state(mlm_tp2_dist)
+    full = mlm_states.dist_model_state(mlm_tp2_dist)
     assert any(k.startswith("optimizer.") for k in full), "no optimizer state saved"
     model = {k: v for k, v in full.items()
              if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output_layer."))}
     assert model["embedding.word_embeddings.weight"].shape[0] == 512  # 301 padded to 128 x 2
-    want = mlm.hf_reference(model, vocab=VOCAB, **SHAPE)
+    want = mlm_states.hf_reference(model, vocab=VOCAB, **SHAPE)
     assert_equal_tensors(export(mlm_tp2_dist, tmp_path / "hf"), want)
     # and to the legacy format at TP=1: the same HF model again
     assert main(["reshard", "--load", str(mlm_tp2_dist), "--save", str(tmp_path / "tp1"),
@@ -177,8 +179,8 @@ def test_megatron_lm_args_round_trip_through_project_writer(mlm_tp1):
     """Megatron-LM's args (NullTokenizer --vocab-size 300, --norm-epsilon in layernorm_epsilon)
     read as 301 tokens and eps 1e-6, and stay so when the project rewrites them (reshard,
     prune and the trainer keep the source's args as `base`)."""
-    from megatron_prune.config import ModelConfig
-    args = mlm.legacy_model_states(mlm_tp1)[(0, 0)]["args"]
+    from megatron_prune.checkpoint.config import ModelConfig
+    args = mlm_states.legacy_model_states(mlm_tp1)[(0, 0)]["args"]
     assert (args.tokenizer_type, args.vocab_size, args.layernorm_epsilon) == (
         "NullTokenizer", mlm.NULL_VOCAB, 1e-6)
     cfg = ModelConfig.from_megatron_args(args)
@@ -207,25 +209,25 @@ def test_trainer_on_megatron_lm_torch_dist_checkpoint(mlm_tp2_dist, tmp_path):
 def test_megatron_lm_dp2_distributed_optimizer_to_hf(tmp_path):
     save = tmp_path / "ckpt"
     mlm.pretrain(save, 2, "--ckpt-format", "torch_dist", "--use-distributed-optimizer")
-    full = mlm.dist_model_state(save)
+    full = mlm_states.dist_model_state(save)
     model = {k: v for k, v in full.items()
              if torch.is_tensor(v) and k.startswith(("embedding.", "decoder.", "output_layer."))}
     assert_equal_tensors(export(save, tmp_path / "hf"),
-                         mlm.hf_reference(model, vocab=VOCAB, **SHAPE))
+                         mlm_states.hf_reference(model, vocab=VOCAB, **SHAPE))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag,ranks,merge", [
-    ("--tensor-model-parallel-size", [(0, 0), (1, 0)], mlm.merge_tp),
-    ("--pipeline-model-parallel-size", [(0, 0), (0, 1)], mlm.merge_pp)], ids=["tp2", "pp2"])
+    ("--tensor-model-parallel-size", [(0, 0), (1, 0)], mlm_states.merge_tp),
+    ("--pipeline-model-parallel-size", [(0, 0), (0, 1)], mlm_states.merge_pp)], ids=["tp2", "pp2"])
 def test_megatron_lm_legacy_tp2_pp2_to_hf_bit_exact(tmp_path, flag, ranks, merge):
     save = tmp_path / "ckpt"
     mlm.pretrain(save, 2, flag, "2", "--ckpt-format", "torch")
-    states = mlm.legacy_model_states(save)
+    states = mlm_states.legacy_model_states(save)
     assert sorted(states) == ranks
     full = merge([tensors_of(states[r]["model"]) for r in ranks])
     assert_equal_tensors(export(save, tmp_path / "hf"),
-                         mlm.hf_reference(full, vocab=VOCAB, **SHAPE))
+                         mlm_states.hf_reference(full, vocab=VOCAB, **SHAPE))
 
 
 @pytest.mark.slow
@@ -236,11 +238,11 @@ def test_megatron_lm_llama2_tokenizer_padding_dropped(tmp_path):
     save = tmp_path / "ckpt"
     mlm.pretrain(save, 1, "--ckpt-format", "torch", "--make-vocab-size-divisible-by", "384",
                  tokenizer=["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tok])
-    saved = mlm.legacy_model_states(save)[(0, 0)]
+    saved = mlm_states.legacy_model_states(save)[(0, 0)]
     assert saved["args"].vocab_size is None and saved["args"].padded_vocab_size == 32256
     got = export(save, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 32000
-    assert_equal_tensors(got, mlm.hf_reference(tensors_of(saved["model"]), vocab=32000, **SHAPE))
+    assert_equal_tensors(got, mlm_states.hf_reference(tensors_of(saved["model"]), vocab=32000, **SHAPE))
 
 
 # ---------------------------------------------------------------------------- B

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_prune.config import ModelConfig
+from megatron_prune.checkpoint.config import ModelConfig
 from megatron_prune.train.muon import MuonAdamW, matrix_role, orthogonalize
 
 pytest.importorskip("megatron.core")

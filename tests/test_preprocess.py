@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_prune import corpus, preprocess as pre
+from megatron_prune.data import corpus, preprocess as pre
 from megatron_prune.cli import main
-from megatron_prune.config import ConfigError
-from megatron_prune.fsutil import OutputExistsError
-from megatron_prune.tokenizers import TokenizerSpec, build_tokenizer
+from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.checkpoint.fsutil import OutputExistsError
+from megatron_prune.data.tokenizers import TokenizerSpec, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from hf_models import make_hf_llama
-from megatron_prune import convert
+from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
-from megatron_prune.config import ConfigError, ModelConfig
-from megatron_prune.prune_plan import PrunePlan, PruneTarget, make_plan
-from megatron_prune.pruning import PLAN_FILE, prune_hf, prune_megatron
-from megatron_prune.scores import ImportanceScores, random_scores
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_prune.prune.apply import PLAN_FILE, prune_hf, prune_megatron
+from megatron_prune.prune.scores import ImportanceScores, random_scores
 from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
 
 TARGET = PruneTarget(num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,

@@ -57,7 +57,7 @@ def test_prune_recover_smoke(tmp_path):
     assert plan["keep_layers"] == [1]
     assert "activation (last prune) + distillation" in (tmp_path / "results.md").read_text()
     # ... and the other kept the layers whose skipping costs the most calibration loss
-    from megatron_prune.scores import ImportanceScores
+    from megatron_prune.prune.scores import ImportanceScores
     loss = ImportanceScores.load(tmp_path / "work" / "scores_activation.pt").meta["layer_loss"]
     plan = json.loads((tmp_path / "work" / "pruned_activation-ppl" / "prune_plan.json")
                       .read_text())
@@ -95,17 +95,18 @@ def test_batch_size_variant_keeps_the_tokens():
 def test_prune_variant_flags():
     sys.path.insert(0, str(ROOT / "bench"))
     import prune_recover as pr
+    from prune_recover_stages import prune as pr_prune
     p = pr.Protocol()  # 12 -> 9 layers
     base = ["--importance", "activation", "--seed", 0, "--scores", "s.pt"]
-    assert pr.prune_flags(p, "activation", "s.pt") == base + ["--num-layers-remain", 9]
+    assert pr_prune.prune_flags(p, "activation", "s.pt") == base + ["--num-layers-remain", 9]
     # a variant's own layers replace the method's choice (the prune command takes one)
-    assert pr.prune_flags(p, "activation", "s.pt", ("--drop-layers", "8,9,10")) == \
+    assert pr_prune.prune_flags(p, "activation", "s.pt", ("--drop-layers", "8,9,10")) == \
         base + ["--drop-layers", "8,9,10"]
-    assert pr.prune_flags(p, "activation", "s.pt", ("--drop_layers", "8,9,10")) == \
+    assert pr_prune.prune_flags(p, "activation", "s.pt", ("--drop_layers", "8,9,10")) == \
         base + ["--drop_layers", "8,9,10"]  # the prune command's other spelling
-    assert pr.prune_flags(p, "activation", "s.pt", ("--layer-method", "contiguous")) == \
+    assert pr_prune.prune_flags(p, "activation", "s.pt", ("--layer-method", "contiguous")) == \
         base + ["--num-layers-remain", 9, "--layer-method", "contiguous"]
-    assert pr.prune_flags(p, "magnitude", None)[-2:] == ["--drop-layers", "8,9,10"]
+    assert pr_prune.prune_flags(p, "magnitude", None)[-2:] == ["--drop-layers", "8,9,10"]
     pv = pr.parse_prune_variants(["activation:last=--drop-layers 8,9,10"], ["activation"])
     assert pv == {"activation:last": ["--drop-layers", "8,9,10"]}
     assert pr.run_names(["activation", *pv], ["activation"]) == [
@@ -118,6 +119,7 @@ def test_prune_variant_flags():
 def test_budget_sweep():
     sys.path.insert(0, str(ROOT / "bench"))
     import prune_recover as pr
+    from prune_recover_stages import report as pr_report
     p = pr.Protocol(recover_iters=1228)
     v = pr.budget_variants(p, pr.parse_budgets("1/2,1/8", ["activation"]))
     assert list(v) == ["activation_kd@tokens1/2", "scratch@tokens1/2",
@@ -128,11 +130,11 @@ def test_budget_sweep():
     ev = {"teacher": {"books": 30.0}, "activation_kd": {"books": 30.3},
           "scratch": {"books": 45.0}, "activation_kd@tokens1/2": {"books": 33.0},
           "scratch@tokens1/2": {"books": 90.0}, "activation_kd@tokens1/8": {"books": 40.0}}
-    rows = pr.budget_rows(p, ev, v)  # 1/8 lacks its random init: left out
+    rows = pr_report.budget_rows(p, ev, v)  # 1/8 lacks its random init: left out
     assert [r[0] for r in rows] == [614 * 8 * 1024, 1228 * 8 * 1024]
     tokens, kd, gap, s, below = rows[0]
     assert (kd, s) == (33.0, 90.0) and abs(gap - 0.1) < 1e-9 and abs(below - 19 / 30) < 1e-9
-    lines = pr._budget_lines(p, ev, {"tokens": 6 * 1228 * 8 * 1024}, v)
+    lines = pr_report._budget_lines(p, ev, {"tokens": 6 * 1228 * 8 * 1024}, v)
     assert lines[-2].startswith("| 5.03 M | 1/12 | 33.00 | +10.0% | 90.00 | 63% | no |")
     assert lines[-1].endswith("| +1.0% | 45.00 | 33% | no |")
     for bad in ("1", "0", "2/1", "x"):
@@ -143,12 +145,13 @@ def test_budget_sweep():
 
 
 def _report(pr, ev):
+    from prune_recover_stages import report as pr_report
     p = pr.Protocol(recover_iters=1228)
     teacher = {"tokens": 921 * 64 * 1024, "iterations": 921, "train_seconds": 169.0}
     meta = {"date": "2026-12-05", "command": "python bench/prune_recover.py", "device": "CPU",
             "torch": "2", "commit": "x", "train_books": 10, "valid_books": ["a"],
             "stages": {"total": 1.0}, "variants": {}}
-    return pr.report_lines(p, meta, teacher, ev)
+    return pr_report.report_lines(p, meta, teacher, ev)
 
 
 def test_report_verdicts_quote_the_table():

@@ -8,9 +8,9 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from megatron_prune import sp_tokenizer_json
-from megatron_prune.corpus import iter_gutenberg_archive
-from megatron_prune.tokenizers import write_hf_sentencepiece_dir
+from megatron_prune.checkpoint import sp_tokenizer_json
+from megatron_prune.data.corpus import iter_gutenberg_archive
+from megatron_prune.checkpoint.hf_tokenizer import write_hf_sentencepiece_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA2 = DATA / "tokenizers" / "llama2" / "tokenizer.model"

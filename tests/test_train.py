@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_prune import convert
+from megatron_prune.checkpoint import convert
 from checks import write_indexed_dataset
 
 pytest.importorskip("megatron.core")
@@ -253,9 +253,9 @@ def test_kd_student_equal_teacher_gives_zero_loss(stories_tp1, shakespeare, tmp_
 
 GRADS_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    from megatron_prune import layout
+    from megatron_prune.checkpoint import layout
     from megatron_prune.train import arguments, trainer as T
-    from megatron_prune import mcore_model as mm
+    from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
     from megatron.core import parallel_state as ps
 
     if __name__ == "__main__":
@@ -266,7 +266,7 @@ GRADS_SCRIPT = textwrap.dedent("""
             "--train-iters", "1", "--kd-temperature", "1.5", "--kd-alpha", "0.7",
             "--tensor-model-parallel-size", tp, "--loss-chunk-tokens", "40",
             "--data-cache-path", out + ".cache"])
-        env = mm.init_distributed(int(tp), 1)
+        env = init_distributed(int(tp), 1)
         T.training_cpu_patches()
         tr = T.Trainer(args, env)
         micro = tr.train_data.global_batch_at(0)
@@ -285,7 +285,7 @@ GRADS_SCRIPT = textwrap.dedent("""
         if dist.get_rank() == 0:
             torch.save({"grads": grads, "loss": r, "tokens": [b["tokens"] for b in micro],
                         "loss_mask": [b["loss_mask"] for b in micro]}, out)
-        mm.destroy_distributed()
+        destroy_distributed()
 """)
 
 
@@ -346,8 +346,8 @@ def test_hidden_state_kd_matches_hf_and_tp2_equals_tp1(stories260k_hf, stories_t
     prune plan's layer and channel maps, and the gradients at TP=2 equal those at TP=1."""
     import torch.nn.functional as F
 
-    from megatron_prune.prune_plan import PruneTarget
-    from megatron_prune.pruning import prune_hf, prune_megatron
+    from megatron_prune.prune.plan import PruneTarget
+    from megatron_prune.prune.apply import prune_hf, prune_megatron
     target = PruneTarget(hidden_size=48, drop_layers=[2], num_attention_heads=4,
                          num_query_groups=2, ffn_hidden_size=96)
     plan = prune_megatron(stories_tp1, tmp_path / "student", target, seed=0)
@@ -380,8 +380,8 @@ def test_hidden_state_kd_matches_hf_and_tp2_equals_tp1(stories260k_hf, stories_t
 def test_recovered_checkpoint_keeps_the_prune_plan(stories_tp1, shakespeare, tmp_path):
     """A run from a pruned checkpoint saves its prune_plan.json beside the weights, so hidden-
     state distillation can go on from the recovered checkpoint (and a resume finds it)."""
-    from megatron_prune.prune_plan import PruneTarget
-    from megatron_prune.pruning import prune_megatron
+    from megatron_prune.prune.plan import PruneTarget
+    from megatron_prune.prune.apply import prune_megatron
     prune_megatron(stories_tp1, tmp_path / "pruned", PruneTarget(hidden_size=48,
                                                                  drop_layers=[1]), seed=0)
     hidden = ["--teacher", stories_tp1, "--kd-hidden-weight", 1]
@@ -410,8 +410,8 @@ def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
     match the student's, the first stage's part of the loss backpropagated through the
     activation it sends on), trains as at PP=1: the same losses, hidden loss and grad norms,
     iteration by iteration."""
-    from megatron_prune.prune_plan import PruneTarget
-    from megatron_prune.pruning import prune_megatron
+    from megatron_prune.prune.plan import PruneTarget
+    from megatron_prune.prune.apply import prune_megatron
     prune_megatron(stories_tp1, tmp_path / "student", PruneTarget(hidden_size=48,
                                                                   drop_layers=[2]), seed=0)
     kd = ["--teacher", stories_tp1, "--kd-hidden-weight", 0.5, "--kd-alpha", 0.8]
@@ -433,7 +433,7 @@ def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
 
 
 def test_teacher_stages_for_hidden_state_kd():
-    from megatron_prune.config import ConfigError
+    from megatron_prune.checkpoint.config import ConfigError
     from megatron_prune.train.hidden_distill import LayerPairs, teacher_stage_counts
     dropped = LayerPairs((0, 1, 2, 3), (0, 1, 3, 4), None)  # teacher layer 2 pruned
     assert teacher_stage_counts(dropped, [4], 5) == [5]
@@ -452,9 +452,9 @@ def test_teacher_stages_for_hidden_state_kd():
 def test_hidden_state_layer_map(stories260k_hf, tmp_path):
     """Which teacher layer and channels each student layer meets: from the plan, one to one for
     an unpruned student, and a clear error when neither applies."""
-    from megatron_prune.config import ConfigError, ModelConfig
-    from megatron_prune.prune_plan import PruneTarget
-    from megatron_prune.pruning import prune_hf
+    from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+    from megatron_prune.prune.plan import PruneTarget
+    from megatron_prune.prune.apply import prune_hf
     from megatron_prune.train import hidden_distill as hd
     teacher = ModelConfig.from_hf(json.loads((stories260k_hf / "config.json").read_text()))
     plan = prune_hf(stories260k_hf, tmp_path / "s", PruneTarget(hidden_size=48,
@@ -503,7 +503,7 @@ def test_random_init_from_scratch_exports(stories260k_hf, shakespeare, tmp_path)
     recs = records(tmp_path / "r.jsonl")
     assert abs(recs[0]["loss"] - math.log(512)) < 0.5
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
-    from megatron_prune.convert import megatron_to_hf
+    from megatron_prune.checkpoint.convert import megatron_to_hf
     cfg = megatron_to_hf(save, tmp_path / "hf")
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_query_groups) == (2, 64, 2)
     import sentencepiece
@@ -572,7 +572,7 @@ def test_tensorboard_logs(stories_tp1, shakespeare, tmp_path):
 
 def test_run_plan_from_tokens():
     from megatron_prune.train.arguments import parse_args
-    from megatron_prune.train.trainer import plan_run
+    from megatron_prune.train.setup import plan_run
     a = parse_args(["--data-path", "x", "--train-tokens", "1e6", "--seq-length", "1000",
                     "--micro-batch-size", "2", "--global-batch-size", "16",
                     "--tensor-model-parallel-size", "2"])

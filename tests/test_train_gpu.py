@@ -93,7 +93,7 @@ def test_bf16_distributed_optimizer_resume_and_export(data, tmp_path):
     resume = copy_iteration_4(save, tmp_path / "b")
     resume_and_compare(full, data, tmp_path, "--load", resume, "--save", resume)
 
-    from megatron_prune.convert import megatron_to_hf
+    from megatron_prune.checkpoint.convert import megatron_to_hf
     megatron_to_hf(save, tmp_path / "hf")
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -1,4 +1,4 @@
-"""`megatron-prune verify` and mcore_model: real megatron-core GPTModels on CPU over gloo.
+"""`megatron-prune verify` and mcore/: real megatron-core GPTModels on CPU over gloo.
 
 Every run is a real launch (torchrun with 2 gloo processes, or one plain process), building the
 model from the converted checkpoint and comparing its logits with transformers' in fp32.
@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from megatron_prune import convert
+from megatron_prune.checkpoint import convert
 
 from hf_models import make_hf_llama
 
@@ -123,24 +123,27 @@ def test_load_reshards_and_renames(gqa_hf, tmp_path):
     convert.hf_to_megatron(gqa_hf, tmp_path / "tp2", tp=2)
     script = textwrap.dedent(f"""
         import torch
-        from megatron_prune import mcore_model as mm
-        from megatron_prune.config import ConfigError
-        from megatron_prune.megatron_checkpoint import LegacyCheckpoint
-        from megatron_prune.verify import hf_logits, random_tokens
+        from megatron_prune.mcore.cpu import cpu_patches
+        from megatron_prune.mcore.load import load_legacy_into_model
+        from megatron_prune.mcore.model import build_gpt_model
+        from megatron_prune.mcore.parallel import destroy_distributed, gather_tp_logits, init_distributed, pipeline_forward
+        from megatron_prune.checkpoint.config import ConfigError
+        from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+        from megatron_prune.eval.verify import hf_logits, random_tokens
         if __name__ == "__main__":
-            device = mm.init_distributed(1, 1)["device"]
+            device = init_distributed(1, 1)["device"]
             cfg = LegacyCheckpoint({str(tmp_path / "tp2")!r}).config
-            model = mm.build_gpt_model(cfg, impl="local").eval()
-            mm.load_legacy_into_model(model, {str(tmp_path / "tp2")!r})
+            model = build_gpt_model(cfg, impl="local").eval()
+            load_legacy_into_model(model, {str(tmp_path / "tp2")!r})
             x = random_tokens(cfg.vocab_size, 2, 32, 0).to(device)
             with torch.no_grad():
-                out = mm.gather_tp_logits(mm.pipeline_forward(model, x), cfg.vocab_size)
+                out = gather_tp_logits(pipeline_forward(model, x), cfg.vocab_size)
             print("MAXABS", (out - hf_logits({str(gqa_hf)!r}, x)).abs().max().item())
             try:
-                mm.load_legacy_into_model(model, {str(tmp_path / "tp2")!r}, reshard=False)
+                load_legacy_into_model(model, {str(tmp_path / "tp2")!r}, reshard=False)
             except ConfigError as e:
                 print("REFUSED", e)
-            mm.destroy_distributed()
+            destroy_distributed()
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=180, env=ENV)
@@ -152,11 +155,14 @@ def test_load_reshards_and_renames(gqa_hf, tmp_path):
 def test_cpu_patches_idempotent_and_only_without_cuda():
     script = textwrap.dedent("""
         import torch
-        from megatron_prune import mcore_model as mm
-        first = mm.cpu_patches()
+        from megatron_prune.mcore.cpu import cpu_patches
+        from megatron_prune.mcore.load import load_legacy_into_model
+        from megatron_prune.mcore.model import build_gpt_model
+        from megatron_prune.mcore.parallel import destroy_distributed, gather_tp_logits, init_distributed, pipeline_forward
+        first = cpu_patches()
         import megatron.core.transformer.utils as tutils
         mask_fn = tutils.get_default_causal_mask
-        assert mm.cpu_patches() == first and tutils.get_default_causal_mask is mask_fn
+        assert cpu_patches() == first and tutils.get_default_causal_mask is mask_fn
         if not torch.cuda.is_available():
             assert first
             m = mask_fn(3)

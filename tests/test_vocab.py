@@ -1,4 +1,4 @@
-"""Vocabulary pruning (emb_pruner): real tokenizers pruned on real books, checkpoints after them.
+"""Vocabulary pruning (megatron_prune/vocab): real tokenizers pruned on real books, checkpoints after them.
 
 Tokenizers and text come from ../shared/data: Llama-2's SentencePiece model, Llama-3's tiktoken
 ranks, GPT-NeoX's tokenizer.json, stories260K's 512-piece model, and the first seven Gutenberg
@@ -17,16 +17,17 @@ import pytest
 import torch
 
 from hf_models import make_hf_llama
-from emb_pruner import hf_vocab
-from emb_pruner.corpus import iter_gutenberg
-from emb_pruner.freq import FreqCounts, count_frequencies
-from emb_pruner.prune import prune_vocab
-from emb_pruner.select import select_tokens
-from emb_pruner.vocab import load_vocabulary
-from emb_pruner.vocab_map import VocabMap
-from megatron_prune import convert
+from megatron_prune.vocab import hf_vocab
+from megatron_prune.vocab.corpus import iter_gutenberg
+from megatron_prune.vocab.freq import FreqCounts, count_frequencies
+from megatron_prune.vocab.prune import prune_vocab
+from megatron_prune.vocab.select import select_tokens
+from megatron_prune.vocab.load import load_vocabulary
+from megatron_prune.vocab.vocab_map import VocabMap
+from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
-from megatron_prune.megatron_checkpoint import LegacyCheckpoint, checkpoint_format
+from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+from megatron_prune.checkpoint.megatron_dirs import checkpoint_format
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GUTENBERG = DATA / "corpus" / "gutenberg_en.tar.xz"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_prune import evaluate
-from megatron_prune.calibration import load_tokenizer
+from megatron_prune.eval import evaluate
+from megatron_prune.data.calibration import load_tokenizer
 from megatron_prune.cli import main
-from megatron_prune.hf_model import load_hf_model
-from megatron_prune.wikitext import detokenize, split_articles, wikitext_documents
+from megatron_prune.checkpoint.hf_model import load_hf_model
+from megatron_prune.eval.wikitext import detokenize, split_articles, wikitext_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import convert, layout
-from ..megatron_checkpoint import megatron_lm_hint
+from megatron_prune.checkpoint import convert, layout
+from megatron_prune.checkpoint.megatron import megatron_lm_hint
 
 
 def _parallel_args(p: argparse.ArgumentParser, defaults_from_source: bool = False) -> None:

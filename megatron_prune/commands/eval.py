@@ -4,19 +4,19 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from ..config import ConfigError
-from ..eval_text import TXT_MODES
-from ..tokenizers import add_tokenizer_args
+from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.eval.text import TXT_MODES
+from megatron_prune.data.tokenizers import add_tokenizer_args
 
 
 def _run(a) -> int:
     import torch
 
-    from .. import evaluate
-    from ..calibration import load_tokenizer
-    from ..hf_checkpoint import model_tokenizer_dir
-    from ..hf_model import load_hf_model
-    from ..tokenizers import tokenizer_from_args
+    from megatron_prune.eval import evaluate
+    from megatron_prune.data.calibration import load_tokenizer
+    from megatron_prune.checkpoint.hf import model_tokenizer_dir
+    from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.data.tokenizers import tokenizer_from_args
     if bool(a.tokenizer_type) != bool(a.tokenizer_model):
         raise ConfigError("--tokenizer-type and --tokenizer-model go together")
     if a.tokenizer_type and a.task != "ppl":

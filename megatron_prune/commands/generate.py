@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 
-from ..config import ConfigError
+from megatron_prune.checkpoint.config import ConfigError
 
 
 def _run(a) -> int:
     import torch
 
-    from ..calibration import load_tokenizer
-    from ..hf_checkpoint import model_tokenizer_dir
-    from ..hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
+    from megatron_prune.checkpoint.hf import model_tokenizer_dir
+    from megatron_prune.checkpoint.hf_model import load_hf_model
     model = load_hf_model(a.model)
     tok_path = a.tokenizer or model_tokenizer_dir(a.model)
     tok = load_tokenizer(tok_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .. import llama2c
+from megatron_prune.checkpoint import llama2c
 
 
 def add_parsers(sub) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import preprocess as pre
-from ..tokenizers import add_tokenizer_args, spec_from_args
+from megatron_prune.data import preprocess as pre
+from megatron_prune.data.tokenizers import add_tokenizer_args, spec_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

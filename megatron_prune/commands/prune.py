@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import ConfigError
-from ..megatron_checkpoint import megatron_lm_hint
-from ..prune_plan import LAYER_METHODS, PRUNE_TYPES, PruneTarget
-from ..pruning import PLAN_FILE, prune_hf, prune_megatron
+from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.checkpoint.megatron import megatron_lm_hint
+from megatron_prune.prune.plan import LAYER_METHODS, PRUNE_TYPES, PruneTarget
+from megatron_prune.prune.apply import PLAN_FILE, prune_hf, prune_megatron
 
 IMPORTANCE = ("random", "magnitude", "activation", "taylor")
 

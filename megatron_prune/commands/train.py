@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parsers(sub) -> None:
-    from ..train import arguments
+    from megatron_prune.train import arguments
     p = sub.add_parser(
         "train", help="recovery training / distillation on megatron-core (launch with torchrun)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -20,7 +20,7 @@ def add_parsers(sub) -> None:
 
 
 def _run(a) -> int:
-    from ..train import arguments
-    from ..train.trainer import train
+    from megatron_prune.train import arguments
+    from megatron_prune.train.trainer import train
     train(arguments.from_namespace(a))
     return 0

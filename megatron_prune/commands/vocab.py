@@ -1,4 +1,4 @@
-"""vocab-freq, prune-vocab and prune-embeddings (vocabulary pruning, `emb_pruner`)."""
+"""vocab-freq, prune-vocab and prune-embeddings (vocabulary pruning, `megatron_prune/vocab/`)."""
 from __future__ import annotations
 
 import argparse
@@ -82,7 +82,7 @@ def add_parsers(sub) -> None:
 
 
 def _freq(a) -> int:
-    from emb_pruner.freq import vocab_freq
+    from megatron_prune.vocab.freq import vocab_freq
     f = vocab_freq(a.tokenizer, a.data, a.save, workers=a.workers, json_key=a.json_key,
                    force=a.force, progress=not a.no_progress)
     print(f"wrote {a.save}: {f.tokens:,} tokens in {f.documents:,} documents, "
@@ -92,7 +92,7 @@ def _freq(a) -> int:
 
 
 def _prune_vocab(a) -> int:
-    from emb_pruner.prune import prune_vocab
+    from megatron_prune.vocab.prune import prune_vocab
     vmap, sel = prune_vocab(a.tokenizer, a.freq, a.save, keep=a.keep, coverage=a.coverage,
                             min_count=a.min_count, keep_tokens=a.keep_tokens, force=a.force)
     print(f"wrote {a.save}: {vmap.old_vocab_size:,} -> {vmap.new_vocab_size:,} tokens "
@@ -102,7 +102,7 @@ def _prune_vocab(a) -> int:
 
 
 def _prune_embeddings(a) -> int:
-    from emb_pruner.embeddings import prune_embeddings
+    from megatron_prune.vocab.embeddings import prune_embeddings
     cfg = prune_embeddings(a.map, a.save, hf_dir=a.hf_dir, load=a.load, tokenizer=a.tokenizer,
                            force=a.force, max_shard_bytes=int(a.max_shard_size_gb * 2**30))
     print(f"wrote {a.save}: vocab_size {cfg.vocab_size:,}, {cfg.num_params():,} parameters")

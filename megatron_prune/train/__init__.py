@@ -6,12 +6,13 @@ Transformer Engine), `loss` (fused vocab-parallel cross-entropy and KD), `distil
 `optim` (AdamW, LR schedule), `checkpointing` (save / exact resume), `metrics` (logging),
 `trainer` (the loop), `cpu` (megatron-core's CUDA-only call sites on the CPU).
 """
-from .arguments import TrainArgs, parse_args
+from megatron_prune.train.arguments import parse_args
+from megatron_prune.train.config import TrainArgs
 
 __all__ = ["TrainArgs", "parse_args", "train"]
 
 
 def train(args):
     """Run a training job on this rank (see `trainer.train`)."""
-    from .trainer import train as _train
+    from megatron_prune.train.trainer import train as _train
     return _train(args)

@@ -7,15 +7,15 @@ import sys
 
 
 def main(argv=None) -> int:
-    from ..cli import USER_ERRORS
-    from .arguments import parse_args
+    from megatron_prune.cli import USER_ERRORS
+    from megatron_prune.train.arguments import parse_args
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(message)s")
     for noisy in ("megatron", "megatron.core"):  # megatron-core logs every dataset index
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .trainer import train
+    from megatron_prune.train.trainer import train
     try:
         train(args)
     except USER_ERRORS as e:

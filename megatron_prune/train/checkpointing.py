@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ModelConfig
-from ..megatron_checkpoint import (TRACKER, iter_dir_name, rank_dir_name, read_tracker,
-                                   write_rank_file)
-from ..tensor_io import torch_load
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.checkpoint.legacy import write_rank_file
+from megatron_prune.checkpoint.megatron_dirs import (TRACKER, iter_dir_name, rank_dir_name,
+                                                     read_tracker)
+from megatron_prune.checkpoint.tensor_io import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ def is_training_checkpoint(path) -> bool:
     """Was it written by this trainer (holds the training state to resume from)? The trainer
     writes the legacy format only: a torch_dist checkpoint (Megatron-LM's default) is not, and
     the weights loader then says how to convert it."""
-    from ..megatron_checkpoint import LegacyCheckpoint, checkpoint_format
+    from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+    from megatron_prune.checkpoint.megatron_dirs import checkpoint_format
     if checkpoint_format(path) != "torch":
         return False
     ckpt = LegacyCheckpoint(path)
@@ -170,7 +172,7 @@ def this_rank_file(root) -> Path:
 
 def load_training_state(path, *, model, optimizer, scheduler, load_optim: bool = True,
                         load_rng: bool = True) -> TrainState:
-    """Resume everything but the model weights (loaded by `mcore_model.load_legacy_into_model`,
+    """Resume everything but the model weights (loaded by `mcore.load.load_legacy_into_model`,
     which checks the shapes) from this rank's file of the latest checkpoint in `path`."""
     from megatron.core import parallel_state as ps
     root = Path(path)
@@ -193,7 +195,7 @@ def load_training_state(path, *, model, optimizer, scheduler, load_optim: bool =
         if "optimizer" not in obj:
             raise ConfigError(f"{f}: no optimizer state (saved with --no-save-optim); pass "
                               "--no-load-optim")
-        from .optim import TorchOptimizer, is_cpu_state
+        from megatron_prune.train.optim import TorchOptimizer, is_cpu_state
         saved = obj["optimizer"]
         saved_algorithm = getattr(obj["args"], "optimizer", "adam")
         if saved_algorithm != getattr(optimizer, "algorithm", "adam"):

@@ -1,6 +1,6 @@
 """The CUDA-only call sites of megatron-core 0.16.1 that training reaches beyond `verify`'s.
 
-`mcore_model.cpu_patches()` covers building and running a model; training also goes through
+`cpu_patches()` covers building and running a model; training also goes through
 megatron's DistributedDataParallel (its grad buffers are allocated on `torch.cuda.current_device()`)
 and the pipeline schedules (`torch.zeros(..., device="cuda")` for the token count, and
 `torch.cuda.current_device()` / `torch.cuda.synchronize()` in the point-to-point exchange). The
@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import torch
 
-from .. import mcore_model
-from ..mcore_model import _TorchOnCpu
+from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
+
+from megatron_prune.mcore.cpu import cpu_patches
+from megatron_prune.mcore.cpu import _TorchOnCpu
 
 _PATCHED = False
 
 
 def training_cpu_patches() -> bool:
-    """Apply (once) on top of `mcore_model.cpu_patches()`; True when applied."""
+    """Apply (once) on top of `cpu_patches()`; True when applied."""
     global _PATCHED
     if _PATCHED or torch.cuda.is_available():
         return _PATCHED
-    mcore_model.cpu_patches()
-    with mcore_model._quiet_megatron_import():
+    cpu_patches()
+    with quiet_megatron_import():
         import megatron.core.distributed.param_and_grad_buffer as buffers
         import megatron.core.pipeline_parallel.p2p_communication as p2p
         import megatron.core.pipeline_parallel.schedules as schedules

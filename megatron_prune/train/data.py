@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from ..config import ConfigError
+from megatron_prune.checkpoint.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: Token
 
     `split_paths` = (train, valid, test) data paths (each a `--data-path`-style list, possibly
     empty) gives every split data of its own instead of cutting `data_path` by `split`."""
-    from ..mcore_model import _quiet_megatron_import
+    from megatron_prune.checkpoint.mcore_import import _quiet_megatron_import
     with _quiet_megatron_import():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder)

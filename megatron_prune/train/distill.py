@@ -14,9 +14,11 @@ from typing import List, Optional
 
 import torch
 
-from .. import mcore_model
-from ..config import ConfigError
-from . import model as model_mod
+from megatron_prune.mcore.load import load_legacy_into_model
+
+from megatron_prune.mcore.model import stage_split
+from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.train import model as model_mod
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class Teacher:
         self.config = cfg
         self.module = model_mod.build_piece(cfg, m=m_args, p=tp_args, dtype=dtype, impl=impl,
                                             divisible_by=ckpt.divisible_by)
-        mcore_model.load_legacy_into_model(self.module, path)
+        load_legacy_into_model(self.module, path)
         self.module.eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
@@ -80,10 +82,10 @@ def teacher_stages(ckpt, pp: int, student_layers: int, p) -> tuple:
     """(first, last) stage sizes of the teacher's pipeline: the checkpoint's own split when it
     was saved at this PP, the student's when the layer counts agree, else even, else the
     remainder on the first stage."""
-    from .. import layout
+    from megatron_prune.checkpoint import layout
     n = ckpt.config.num_layers
     if ckpt.pp == pp:
-        return mcore_model.stage_split(ckpt.stage_counts)
+        return stage_split(ckpt.stage_counts)
     if n == student_layers:
         return p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     try:

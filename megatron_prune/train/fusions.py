@@ -62,7 +62,7 @@ def wanted() -> bool:
         return True
     if not torch.cuda.is_available():
         return False
-    from ..mcore_model import have_transformer_engine
+    from megatron_prune.mcore.model import have_transformer_engine
     return not have_transformer_engine() and importlib.util.find_spec("apex") is None
 
 
@@ -270,7 +270,7 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
 # ============================================================================ 4. SwiGLU
 def triton_swiglu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`swiglu_triton.swiglu_backward`, imported on first use (Triton is optional)."""
-    from .swiglu_triton import swiglu_backward
+    from megatron_prune.train.swiglu_triton import swiglu_backward
     return swiglu_backward(g, y)
 
 

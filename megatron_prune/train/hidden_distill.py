@@ -27,9 +27,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, ModelConfig
-from ..prune_plan import PrunePlan
-from ..pruning import PLAN_FILE
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.prune.plan import PrunePlan
+from megatron_prune.prune.apply import PLAN_FILE
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _stage_finder(counts: Sequence[int]):
 
 def _megatron_splits(n: int, pp: int):
     """Every [first, even..., last] split of n layers over pp stages."""
-    from .. import layout
+    from megatron_prune.checkpoint import layout
     seen = set()
     for first in range(1, n + 1):
         for last in range(1, n + 1):

@@ -37,8 +37,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import layout
-from ..config import ConfigError
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.config import ConfigError
 
 # Megatron's names of the adaptable linear layers, and where they sit in a TransformerLayer.
 TARGET_PATHS = {"linear_qkv": "self_attention.linear_qkv",

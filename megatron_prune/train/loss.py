@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .fusions import _CompiledOnce, addmm_into
+from megatron_prune.train.fusions import _CompiledOnce, addmm_into
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The model pieces the trainer runs: a megatron-core GPTModel from `mcore_model`, made ready.
+"""The model pieces the trainer runs: a megatron-core GPTModel from `mcore/`, made ready.
 
 * `resolve_model(...)`  which shape to build and where its weights come from (a checkpoint of
                         either parameter naming at any TP/PP, or a random init of given shape);
@@ -19,12 +19,14 @@ from typing import Optional
 
 import torch
 
-from .. import layout, mcore_model
-from ..config import ConfigError, ModelConfig
-from ..hf_checkpoint import model_tokenizer_dir
-from ..megatron_checkpoint import TRACKER, LegacyCheckpoint, checkpoint_format
-from . import fusions, sdpa_attention
-from .arguments import ModelArgs, ParallelArgs
+from megatron_prune.checkpoint import layout
+from megatron_prune.mcore.model import build_gpt_model, have_transformer_engine, resolve_impl
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.checkpoint.hf import model_tokenizer_dir
+from megatron_prune.checkpoint.legacy import LegacyCheckpoint
+from megatron_prune.checkpoint.megatron_dirs import TRACKER, checkpoint_format
+from megatron_prune.train import fusions, sdpa_attention
+from megatron_prune.train.config import ModelArgs, ParallelArgs
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,8 @@ def random_init_config(m: ModelArgs, vocab_size: Optional[int], seq_length: int)
 def pick_impl(requested: str) -> str:
     """auto: Transformer Engine's spec when it imports, else local."""
     if requested == "auto":
-        return layout.TE if mcore_model.have_transformer_engine() else layout.LOCAL
-    return mcore_model.resolve_impl(requested)
+        return layout.TE if have_transformer_engine() else layout.LOCAL
+    return resolve_impl(requested)
 
 
 def config_overrides(m: ModelArgs, p: ParallelArgs, cfg: ModelConfig, impl: str) -> dict:
@@ -115,7 +117,7 @@ def build_piece(cfg: ModelConfig, *, m: ModelArgs, p: ParallelArgs, dtype: torch
         overrides["gradient_accumulation_fusion"] = True
     if fused.get("swiglu"):  # on with CUDA already; the patched impl runs only with it
         overrides["bias_activation_fusion"] = True
-    model = mcore_model.build_gpt_model(
+    model = build_gpt_model(
         cfg, impl=impl, dtype=dtype, first=p.decoder_first_pipeline_num_layers,
         last=p.decoder_last_pipeline_num_layers, divisible_by=divisible_by,
         config_overrides=overrides)

@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import layout
-from ..config import ModelConfig
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.config import ModelConfig
 
 # The quintic Newton-Schulz coefficients of Jordan et al.: they push every singular value of the
 # normalized matrix into roughly [0.7, 1.2] in five steps, which is all Muon needs.

@@ -19,9 +19,9 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ModelConfig
-from .arguments import OptimizerArgs
-from .muon import MuonAdamW, matrix_role
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.train.config import OptimizerArgs
+from megatron_prune.train.muon import MuonAdamW, matrix_role
 
 log = logging.getLogger(__name__)
 

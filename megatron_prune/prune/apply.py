@@ -1,0 +1,148 @@
+"""Applying a prune plan: a source that serves the pruned model's HF-form tensors.
+
+`PrunedSource` wraps any source (an HF directory, or a Megatron checkpoint read shard by shard)
+and answers each request of the writers by index selection on the source tensor. Along the TP
+split dim it fetches only the span the kept indices cover, so with a `balance` plan each output
+rank reads just the matching input rank: the prune runs directly on the shards, one output rank
+file at a time. The same writers as conversion then lay the result out at any TP/PP.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.checkpoint.convert import HFSource, open_source, write_hf, write_megatron
+from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
+from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
+from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
+
+log = logging.getLogger(__name__)
+PLAN_FILE = "prune_plan.json"
+
+
+class PrunedSource:
+    def __init__(self, source, plan: PrunePlan):
+        plan.check_source(source.config)
+        self.source = source
+        self.plan = plan
+        self.config: ModelConfig = plan.target_config
+        self.dtype = source.dtype
+        self._where = {}
+        for spec, layer in layout.iter_hf_entries(self.config):
+            for j, n in enumerate(spec.hf_names(layer)):
+                self._where[n] = (spec, layer, j)
+
+    def keys(self):
+        return list(self._where)
+
+    def shape(self, name) -> tuple:
+        spec, _, j = self._where[name]
+        return layout.hf_shape(spec, j, self.config)
+
+    def get(self, name, dim=None, start=0, end=None) -> torch.Tensor:
+        spec, layer, j = self._where[name]
+        src_layer = None if layer is None else self.plan.keep_layers[layer]
+        src_name = spec.hf_names(src_layer)[j]
+        idx = list(self.plan.index_for(spec.key, j, layer))
+        if dim is not None:  # the writer asks for a range of the *pruned* tensor
+            end = self.shape(name)[dim] if end is None else end
+            idx[dim] = torch.arange(start, end) if idx[dim] is None else idx[dim][start:end]
+        fetch_dim = spec.split_dim if spec.split_dim is not None and \
+            spec.split_dim < len(idx) and idx[spec.split_dim] is not None else None
+        if fetch_dim is not None and len(idx[fetch_dim]):
+            lo, hi = int(idx[fetch_dim].min()), int(idx[fetch_dim].max()) + 1
+            t = self.source.get(src_name, fetch_dim, lo, hi)
+            idx[fetch_dim] = idx[fetch_dim] - lo
+        else:
+            t = self.source.get(src_name)
+        for d, ix in enumerate(idx):
+            if ix is not None and d < t.dim():
+                t = t.index_select(d, ix)
+        return t
+
+    def group(self, spec, layer) -> dict:
+        return {n: self.get(n) for n in spec.hf_names(layer)}
+
+
+def compute_scores(source, cfg: ModelConfig, importance: str, scores_file: Optional[str],
+                   seed: int) -> ImportanceScores:
+    if scores_file:
+        scores = ImportanceScores.load(scores_file)
+        if importance not in (None, scores.method):
+            log.info("using %s scores from %s (--importance %s ignored)", scores.method,
+                     scores_file, importance)
+        return scores
+    if importance == "random":
+        return random_scores(cfg, seed)
+    if importance == "magnitude":
+        return magnitude_scores(source, cfg)
+    raise ConfigError(f"--importance {importance} needs --scores FILE from "
+                      "`megatron-prune importance` (it measures activations on data)")
+
+
+def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_type: str,
+             tp: int, seed: int, plan_file=None) -> PrunePlan:
+    cfg = source.config
+    if plan_file:
+        plan = PrunePlan.load(plan_file)
+        plan.check_source(cfg)
+        return plan
+    scores = compute_scores(source, cfg, importance, scores_file, seed)
+    return make_plan(cfg, target, scores, prune_type=prune_type, tp=tp, seed=seed)
+
+
+def prune_megatron(load, save, target: PruneTarget, *, importance="random", scores=None,
+                   prune_type="balance", seed=1234, plan_file=None, pp=None, first=None,
+                   last=None, force=False) -> PrunePlan:
+    """Prune a Megatron checkpoint at its own TP (and its PP, unless another is given)."""
+    check_output(save, force)
+    source = open_source(load)
+    if isinstance(source, HFSource):
+        raise ConfigError(f"--load {load} is a Hugging Face directory; use prune-hf")
+    ckpt = source.ckpt
+    plan = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed, plan_file)
+    cfg = plan.target_config
+    pp = pp or ckpt.pp
+    if first is None and last is None and pp == ckpt.pp and cfg.num_layers == ckpt.config.num_layers:
+        first, last = _uneven_split(ckpt.stage_counts)  # keep the input's stage split
+    counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
+    layout.check_parallel(cfg, ckpt.tp, counts)
+    with atomic_output_dir(save, force) as tmp:
+        write_megatron(PrunedSource(source, plan), cfg, tmp, tp=ckpt.tp, pp=pp, impl=ckpt.impl,
+                       dtype=ckpt.dtype, divisible_by=ckpt.divisible_by,
+                       ckpt_format=ckpt.format, first=first, last=last,
+                       iteration=ckpt.iteration, args_base=ckpt.args)
+        plan.save(tmp / PLAN_FILE)
+        keep_tokenizer(load, tmp)
+    return plan
+
+
+def _uneven_split(counts) -> tuple:
+    """(first, last) flags that reproduce a stage split, or (None, None) when it is even."""
+    if len(set(counts)) <= 1:
+        return None, None
+    middle = counts[1:-1]
+    if len(set(middle)) <= 1 and (not middle or middle[0] == counts[0]):
+        return None, counts[-1]
+    return counts[0], counts[-1]
+
+
+def prune_hf(hf_dir, save, target: Optional[PruneTarget] = None, *, importance="random",
+             scores=None, prune_type="balance", tp=1, seed=1234, plan_file=None,
+             force=False) -> PrunePlan:
+    """Prune an HF checkpoint (real weights, tensor by tensor); tokenizer files are copied."""
+    check_output(save, force)
+    source = HFSource(HFCheckpoint(hf_dir))
+    plan = plan_for(source, target or PruneTarget(), importance, scores, prune_type, tp, seed,
+                    plan_file)
+    with atomic_output_dir(save, force) as tmp:
+        write_hf(PrunedSource(source, plan), plan.target_config, tmp, source.dtype)
+        copy_tokenizer(Path(hf_dir), tmp)
+        plan.save(tmp / PLAN_FILE)
+    return plan

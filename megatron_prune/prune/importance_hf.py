@@ -1,0 +1,216 @@
+"""Importance from calibration data: activation (Minitron-style) and taylor (gradient) scores.
+
+activation — forward passes only, hooks on the model:
+  * hidden channel: |output| of every RMSNorm (both norms of every layer), summed over layers;
+  * head: L2 norm of its slice of the attention output (the input of o_proj);
+  * KV group: the sum of its heads;
+  * FFN neuron: |input of down_proj| (= silu(gate) * up);
+  * each per-token statistic is averaged over the sequence, then aggregated as the L2 norm over
+    the calibration samples;
+  * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
+    distance between every pair of layer boundaries (for dropping a contiguous block).
+layer loss (`layer_losses`, optional beside either method) — the calibration LM loss with each
+  layer skipped in turn (its output replaced by its input): one forward pass over the data per
+  layer. The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
+taylor — first-order Taylor importance |w * dL/dw| summed over each structure's weights, with the
+  LM loss on the calibration data (the gradient-sensitivity criterion of the BlockSheared design).
+
+The model is a Hugging Face LlamaForCausalLM built from any source (HF directory, or a Megatron
+checkpoint merged from its shards), on CUDA when available.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.checkpoint.hf_model import hf_model_from_source
+from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
+
+log = logging.getLogger(__name__)
+METHODS = ("activation", "taylor")
+
+
+class _Stats:
+    """Per-sample sequence means, aggregated as the L2 norm over samples."""
+
+    def __init__(self):
+        self.sq = {}
+
+    def add(self, key, m: torch.Tensor):
+        """m: [batch, n], a statistic already averaged over the sequence."""
+        s = (m.double() ** 2).sum(0)  # accumulate squares over samples (fp64)
+        self.sq[key] = self.sq[key] + s if key in self.sq else s
+
+
+    def l2(self, key):
+        return self.sq[key].sqrt().cpu()
+
+def _mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, n] -> mean over seq of |x|, in one fp32-accumulating kernel."""
+    return torch.linalg.vector_norm(x, 1, dim=1, dtype=torch.float32) / x.shape[1]
+
+
+_GRAM_BYTES = 256 << 20  # fp32 bytes of one token chunk of stacked layer boundaries
+_bf16_bmm_to_fp32 = {}    # device -> whether bmm with out_dtype=float32 runs there
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """[c, n, h] -> [c, n, n] fp32 Gram matrices. bf16 inputs go straight into a GEMM that
+    accumulates and writes fp32 where the device has one (CUDA), else they are upcast."""
+    if x.dtype != torch.float32 and x.is_cuda and _bf16_bmm_to_fp32.get(x.device, True):
+        try:
+            g = torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+            _bf16_bmm_to_fp32[x.device] = True
+            return g
+        except (RuntimeError, TypeError, NotImplementedError):
+            _bf16_bmm_to_fp32[x.device] = False
+    x = x.float()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _add_boundary_angles(boundary: list, ang: torch.Tensor, bi: torch.Tensor) -> int:
+    """Per token, the cosine between every pair of layer boundaries (the residual stream
+    entering layer 0 and leaving each layer): adds arccos / pi to `ang` [L+1, L+1] and
+    1 - cos of consecutive boundaries (Block Influence) to `bi` [L], both fp64 on the device
+    (no sync per micro-batch). One Gram matrix per token, in token chunks, straight from the
+    boundaries' own dtype: no normalised fp32 copy of every boundary is made. Returns the
+    number of tokens."""
+    flat = [h.reshape(-1, h.shape[-1]) for h in boundary]
+    n_tok, width = flat[0].shape
+    chunk = max(1, _GRAM_BYTES // (4 * len(flat) * width))
+    for s in range(0, n_tok, chunk):
+        g = _gram(torch.stack([f[s:s + chunk] for f in flat], 1))       # [c, L+1, L+1]
+        norm = g.diagonal(0, 1, 2).clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        cos = g.div_(norm.unsqueeze(2)).div_(norm.unsqueeze(1)).clamp_(-1, 1).double()
+        ang += torch.arccos(cos).sum(0).div_(math.pi)
+        bi += (1 - cos.diagonal(1, 1, 2)).sum(0)
+    return n_tok
+
+
+def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
+                      progress: bool = True) -> ImportanceScores:
+    stats = _Stats()
+    L, d = cfg.num_layers, cfg.head_dim
+    device = next(model.parameters()).device
+    bi = torch.zeros(L, dtype=torch.float64, device=device)
+    ang = torch.zeros(L + 1, L + 1, dtype=torch.float64, device=device)
+    ntok = 0
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.input_layernorm.register_forward_hook(
+            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, inp, i=i: stats.add(("heads", i), inp[0].unflatten(-1, (-1, d)).norm(
+                dim=-1, dtype=torch.float32).mean(1))))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, inp, i=i: stats.add(("ffn", i), _mean_abs(inp[0]))))
+    boundary = []  # residual stream at every layer boundary, filled by the hooks below
+
+    def first_input(m, args, kwargs):
+        boundary.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    def layer_output(m, args, out):
+        boundary.append((out[0] if isinstance(out, tuple) else out).detach())
+    hooks.append(model.model.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
+    hooks += [layer.register_forward_hook(layer_output) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(batches), micro_batch), desc="activation importance",
+                              disable=not progress, unit="batch"):
+                ids = batches[start:start + micro_batch].to(device)
+                boundary.clear()
+                model.model(input_ids=ids)
+                ntok += _add_boundary_angles(boundary, ang, bi)
+    finally:
+        for h in hooks:
+            h.remove()
+    boundary.clear()
+    ang, bi = ang.cpu() / ntok, bi.cpu()
+    ang.fill_diagonal_(0)
+    heads = torch.stack([stats.l2(("heads", i)) for i in range(L)])
+    return ImportanceScores(
+        "activation", shape_of(cfg), hidden=stats.l2(("hidden",)), heads=heads,
+        groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
+        ffn=torch.stack([stats.l2(("ffn", i)) for i in range(L)]), layers=bi / ntok,
+        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1]})
+
+
+def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
+                  progress: bool = True) -> ImportanceScores:
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    n = 0
+    for start in tqdm(range(0, len(batches), micro_batch), desc="taylor importance",
+                      disable=not progress, unit="batch"):
+        ids = batches[start:start + micro_batch].to(device)
+        loss = model(input_ids=ids, labels=ids).loss * len(ids)
+        loss.backward()
+        n += len(ids)
+    params = dict(model.named_parameters())
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+
+    def elem(name):
+        p = params[name]
+        return (p.detach().float() * p.grad.float()).abs_().div_(n)  # stays on the device
+    scores = weight_structure_scores(cfg, elem, "taylor")
+    model.zero_grad(set_to_none=True)
+    scores.meta.update(samples=len(batches), seq_length=batches.shape[1])
+    return scores
+
+
+def skip_layer(m, args, kwargs, out):
+    """Forward hook (with_kwargs) on a decoder layer of HF or megatron-core, whose output is a
+    tensor or a tuple (hidden states first): the layer hands on its input unchanged."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
+
+
+@torch.no_grad()
+def _mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
+    """Mean next-token loss over all b x (s-1) positions of the calibration batches."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(batches), micro_batch):
+        ids = batches[start:start + micro_batch].to(device)
+        total += model(input_ids=ids, labels=ids).loss.double() * len(ids)
+    return float(total) / len(batches)
+
+
+def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
+                 progress: bool = True) -> dict:
+    """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}."""
+    out = {"loss": _mean_loss(model, batches, micro_batch), "layer_loss": []}
+    for layer in tqdm(model.model.layers, desc="layer loss", disable=not progress, unit="layer"):
+        hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
+        try:
+            out["layer_loss"].append(_mean_loss(model, batches, micro_batch))
+        finally:
+            hook.remove()
+    return out
+
+
+def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: int = 4,
+                       device=None, layer_loss: bool = False) -> ImportanceScores:
+    """`method` scores of `source`; with `layer_loss`, also `layer_losses` in their meta."""
+    if method not in METHODS:
+        raise ConfigError(f"--importance {method}: data-driven methods are {METHODS}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = source.config.vocab_size
+    if int(batches.max()) >= vocab:
+        raise ConfigError(f"calibration token id {int(batches.max())} >= model vocab {vocab}: "
+                          "tokenizer and model do not match")
+    model = hf_model_from_source(source, device=device)
+    fn = activation_scores if method == "activation" else taylor_scores
+    scores = fn(model, batches, source.config, micro_batch)
+    if layer_loss:
+        scores.meta.update(layer_losses(model.eval(), batches, micro_batch))
+    return scores
