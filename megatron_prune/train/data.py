@@ -143,8 +143,8 @@ def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: Token
 
     `split_paths` = (train, valid, test) data paths (each a `--data-path`-style list, possibly
     empty) gives every split data of its own instead of cutting `data_path` by `split`."""
-    from megatron_prune.checkpoint.mcore_import import _quiet_megatron_import
-    with _quiet_megatron_import():
+    from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
+    with quiet_megatron_import():
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder)
         from megatron.core.datasets.gpt_dataset import (GPTDataset, GPTDatasetConfig,
@@ -172,7 +172,7 @@ def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: Token
         create_attention_mask=reset_attention_mask,
         mmap_bin_files=True)
     cls = MockGPTDataset if mock else GPTDataset
-    with _quiet_megatron_import():
+    with quiet_megatron_import():
         return BlendedMegatronDatasetBuilder(cls, list(sizes), lambda: True, config).build()
 
 
