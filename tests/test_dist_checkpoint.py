@@ -24,7 +24,7 @@ from megatron_prune.checkpoint.tensor_io import CheckpointReadError, torch_load
 
 pytest.importorskip("megatron.core")
 from megatron_prune.checkpoint import torch_dist as dist_checkpoint  # noqa: E402
-from megatron_prune.checkpoint.torch_dist import DistCheckpoint  # noqa: E402
+from megatron_prune.checkpoint.torch_dist_read import DistCheckpoint  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -242,7 +242,8 @@ WORKER = textwrap.dedent('''
         from megatron_prune.mcore.load import load_legacy_into_model
         from megatron_prune.mcore.model import build_gpt_model
         from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
-        from megatron_prune.checkpoint.torch_dist import CONTENT_METADATA, DistCheckpoint
+        from megatron_prune.checkpoint.torch_dist import CONTENT_METADATA
+        from megatron_prune.checkpoint.torch_dist_read import DistCheckpoint
 
         torch.serialization.add_safe_globals([argparse.Namespace])  # common.pt holds the args
         info = init_distributed(a.tp, a.pp)

@@ -25,9 +25,17 @@ class HFCheckpoint:
             raise CheckpointReadError(f"missing {cfg_file}: not a Hugging Face model directory")
         try:
             self.hf_config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointReadError(f"{cfg_file}: invalid JSON ({e})") from e
-        self.config = ModelConfig.from_hf(self.hf_config)
+        if not isinstance(self.hf_config, dict):
+            raise CheckpointReadError(f"{cfg_file}: not a JSON object")
+        try:
+            self.config = ModelConfig.from_hf(self.hf_config)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_file}: {e}") from e
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise ConfigError(f"{cfg_file}: missing or malformed field ({type(e).__name__}: "
+                              f"{e})") from e
         self._files = {}
         self.where = self._index()
 

@@ -40,6 +40,24 @@ class CheckpointReadError(OSError):
 
 
 # ---------------------------------------------------------------------------- safetensors
+def _check_entry(path: Path, name: str, entry) -> None:
+    """One header entry is a known dtype, a shape of whole sizes, and a byte range that holds
+    exactly that many elements: anything else (a damaged or hand-made header) is refused here,
+    not met later as a KeyError or a wrong-sized read."""
+    try:
+        dtype, shape, (lo, hi) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        ok = (dtype in ST_DTYPES and isinstance(shape, list)
+              and all(isinstance(d, int) and d >= 0 for d in shape)
+              and isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi)
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if ok:
+        itemsize = torch.empty(0, dtype=ST_DTYPES[dtype]).element_size()
+        ok = hi - lo == itemsize * int(np.prod(shape, dtype=np.int64))
+    if not ok:
+        raise CheckpointReadError(f"{path}: damaged safetensors header entry {name!r}: {entry!r}"[:300])
+
+
 class SafetensorsReader:
     def __init__(self, path):
         self.path = Path(path)
@@ -52,9 +70,13 @@ class SafetensorsReader:
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointReadError(f"{self.path}: not a readable safetensors file ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointReadError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
         self.entries = header
+        for name, entry in header.items():
+            _check_entry(self.path, name, entry)
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if self.base + end > size:
             raise CheckpointReadError(

@@ -32,9 +32,9 @@ GPTModel saves; mcore's files from another TP hold smaller chunks, and both read
 Writing streams: the DCP plan is built from metadata-only ShardedTensors, and a chunk is produced
 from the source only when the writer reaches it and dropped once written, so memory holds one
 parameter group (the largest: the padded embedding) at a time. megatron-core's own
-`dist_checkpointing.save` needs every tensor in memory first (and a process group). Reading asks
-DCP for just the region of one layer of one key. Both run in one process with no process group
-(`torch.distributed.checkpoint` with `no_dist=True`).
+`dist_checkpointing.save` needs every tensor in memory first (and a process group). Reading
+(`torch_dist_read.DistCheckpoint`) asks DCP for just the region of one layer of one key. Both run
+in one process with no process group (`torch.distributed.checkpoint` with `no_dist=True`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ import functools
 import io
 import logging
 import os
-import pickle
 import re
 import types
 import warnings
@@ -53,32 +52,26 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
     TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
-    LoadPlan,
     SavePlan,
     TensorWriteData,
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future
 from tqdm.auto import tqdm
 
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
-from megatron_prune.checkpoint.megatron_dirs import (CHECKPOINT_VERSION, TRACKER, iter_dir_name,
-                                                     read_tracker)
-from megatron_prune.checkpoint.tensor_io import CheckpointReadError, torch_load
+from megatron_prune.checkpoint.megatron_dirs import (CHECKPOINT_VERSION, TRACKER, iter_dir_name)
 
 if TYPE_CHECKING:
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -348,153 +341,5 @@ def full_megatron_tensor(source, spec: layout.ParamSpec, layer: Optional[int], c
     return layout.shard_from_hf(spec, source.get, source.shape, cfg, 1, 0, layer, div * tp)
 
 
-# ---------------------------------------------------------------------------- reading
-class _CachedReader(dcp.FileSystemReader):
-    """FileSystemReader that unpickles `.metadata` once."""
-
-    _metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
-
-
-class _RegionLoadPlanner(DefaultLoadPlanner):
-    """Reads regions of stored global tensors into given buffers: {key: (offsets, buffer)}."""
-
-    def __init__(self, requests: dict):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.requests = requests
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.state_dict, self.metadata, self.is_coordinator = {}, metadata, is_coordinator
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, (offsets, buf) in self.requests.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key],
-                                                      [chunk])
-        return LoadPlan(items)
-
-    def resolve_tensor(self, read_item):
-        buf = self.requests[read_item.dest_index.fqn][1]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            buf = buf.narrow(dim, start, length)
-        return buf
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass
-
-
-def _load_common(path: Path) -> dict:
-    """common.pt with weights_only=True, allowing the types Megatron-LM's args hold."""
-    common = torch_load(path, mmap_=False)
-    if not isinstance(common, dict):
-        raise CheckpointReadError(f"{path}: not a dict")
-    return common
-
-
-class DistCheckpoint:
-    """A megatron-core torch_dist checkpoint, read one parameter (one layer) at a time."""
-
-    format = BACKEND
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.iteration = read_tracker(self.root)
-        self.dir = self.root / iter_dir_name(self.iteration)
-        config = _mcore().maybe_load_config(str(self.dir)) if self.dir.is_dir() else None
-        if config is None:
-            raise CheckpointReadError(f"{self.dir}: no metadata.json; not a distributed checkpoint")
-        if config.sharded_backend != BACKEND:
-            raise CheckpointReadError(f"{self.dir}: unsupported distributed checkpoint backend "
-                                      f"{config.sharded_backend!r}")
-        common = _load_common(self.dir / COMMON_FILE)
-        if "args" not in common:
-            raise CheckpointReadError(f"{self.dir / COMMON_FILE}: no 'args' entry")
-        self.common = {k: v for k, v in common.items() if k != "args"}
-        self.args: argparse.Namespace = common["args"]
-        self.config = ModelConfig.from_megatron_args(self.args)
-        content = common.get("content_metadata") or {}
-        if content.get("singleton_local_shards"):
-            raise CheckpointReadError(f"{self.dir}: saved with singleton_local_shards=True "
-                                      "(per-layer keys), which this reader does not support")
-        impl = getattr(self.args, "transformer_impl", layout.TE)
-        self.impl = impl if impl in layout.IMPLS else layout.TE
-        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
-        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
-        self.divisible_by = int(getattr(self.args, "make_vocab_size_divisible_by", 128) or 128)
-        # the stage split of the run that saved it (the format itself is split-free)
-        self.stage_counts = layout.stage_layer_counts(
-            self.config.num_layers, self.pp, getattr(self.args, "decoder_first_pipeline_num_layers", None),
-            getattr(self.args, "decoder_last_pipeline_num_layers", None))
-        self.ranges = layout.stage_ranges(self.stage_counts)
-        try:
-            self._reader = _CachedReader(str(self.dir))
-            self.metadata = self._reader.read_metadata()
-        except (OSError, EOFError, ValueError) as e:
-            raise CheckpointReadError(f"{self.dir}: unreadable .metadata ({e})") from e
-        self._keys = {}
-        for spec, layer in layout.iter_hf_entries(self.config):
-            if spec.key not in self._keys:
-                self._keys[spec.key] = self._find_key(spec)
-        self.dtype = self.metadata.state_dict_metadata[self._keys["embedding"]].properties.dtype
-
-    def _find_key(self, spec) -> str:
-        """The stored key of a parameter (TE names; the local names of old mcore as fallback)."""
-        md = self.metadata.state_dict_metadata
-        candidates = dict.fromkeys(sharded_key(spec, impl) for impl in (layout.TE, layout.LOCAL))
-        for key in candidates:
-            if key in md:
-                if not isinstance(md[key], TensorStorageMetadata):
-                    raise CheckpointReadError(f"{self.dir}: {key} is not a tensor")
-                self._check_shape(spec, key, tuple(md[key].size))
-                return key
-        raise CheckpointReadError(f"{self.dir}: missing tensor {' or '.join(candidates)}")
-
-    def _check_shape(self, spec, key, shape) -> None:
-        want = megatron_shape(spec, self.config, 0)
-        if spec.per_layer:
-            want = (self.config.num_layers,) + want
-        ok = len(shape) == len(want) and all(
-            s == w or (spec.vocab and i == 0 and s >= self.config.vocab_size)
-            for i, (s, w) in enumerate(zip(shape, want)))
-        if not ok:
-            need = (f"(>= {self.config.vocab_size}, {', '.join(map(str, want[1:]))})"
-                    if spec.vocab else str(want))
-            raise CheckpointReadError(
-                f"{self.dir}: {key} has global shape {shape}, the model in its args needs {need}")
-
-    def read_global(self, key: str, offsets: tuple, shape: tuple) -> torch.Tensor:
-        """The region [offsets, offsets + shape) of one stored global tensor."""
-        md = self.metadata.state_dict_metadata[key]
-        buf = torch.empty(shape, dtype=md.properties.dtype)
-        try:
-            with _single_process():
-                dcp.load({}, storage_reader=self._reader,
-                         planner=_RegionLoadPlanner({key: (offsets, buf)}), no_dist=True)
-        except (CheckpointException, RuntimeError, EOFError, OSError, ValueError,
-                pickle.UnpicklingError) as e:
-            raise CheckpointReadError(
-                f"{self.dir}: cannot read {key}, truncated or corrupt? ({e})") from e
-        return buf
-
-    def read_megatron(self, spec, layer) -> torch.Tensor:
-        """The unsharded Megatron tensor of one parameter (of the real vocab rows only)."""
-        key = self._keys[spec.key]
-        size = tuple(self.metadata.state_dict_metadata[key].size)
-        if spec.per_layer:
-            return self.read_global(key, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:])[0]
-        if spec.vocab:  # skip the padding rows
-            size = (self.config.vocab_size,) + size[1:]
-        return self.read_global(key, (0,) * len(size), size)
-
-    def read_hf_group(self, spec, layer) -> dict:
-        """{hf_name: full tensor} of one parameter, read from the chunks that hold it."""
-        return layout.merge_to_hf(spec, [self.read_megatron(spec, layer)], self.config, layer)
-
-
-__all__ = ["write_dist", "DistCheckpoint", "sharded_tensors",
+__all__ = ["write_dist", "sharded_tensors",
            "extra_state_keys", "sharded_key", "CONTENT_METADATA"]

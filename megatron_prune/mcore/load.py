@@ -119,7 +119,7 @@ def load_checkpoint_into_model(model, ckpt_dir, **kwargs):
         return load_legacy_into_model(model, ckpt_dir, **kwargs)
     from megatron.core import dist_checkpointing
 
-    from megatron_prune.checkpoint.torch_dist import DistCheckpoint
+    from megatron_prune.checkpoint.torch_dist_read import DistCheckpoint
     ckpt = DistCheckpoint(ckpt_dir)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.dir))
     model.load_state_dict(loaded["model"], strict=True)

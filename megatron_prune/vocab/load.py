@@ -37,17 +37,12 @@ def _sentencepiece_proto(data: bytes):
     return m
 
 
-def load_vocabulary(path) -> Vocabulary:
-    """A tokenizer file, or an HF model directory (tokenizer.model before tokenizer.json).
-
-    Raises ConfigError for anything that is not a SentencePiece model, a tiktoken BPE ranks file
-    or a Hugging Face tokenizer.json with a BPE model.
-    """
+def _open_vocabulary(path) -> Vocabulary:
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.model", "tokenizer.json"):
             if (path / name).is_file():
-                return load_vocabulary(path / name)
+                return _open_vocabulary(path / name)
         raise ConfigError(f"tokenizer {path}: no tokenizer.model or tokenizer.json in this directory")
     if not path.is_file():
         raise ConfigError(f"tokenizer {path}: no such file or directory")
@@ -66,10 +61,28 @@ def load_vocabulary(path) -> Vocabulary:
         return TiktokenVocabulary(path, data, sidecars)
     proto = _sentencepiece_proto(data)
     if proto is not None:
-        return SentencePieceVocabulary(path, proto, sidecars)
+        vocab = SentencePieceVocabulary(path, proto, sidecars)
+        vocab.processor  # sentencepiece checks a model only when it loads it: fail here, not mid-count
+        return vocab
     raise ConfigError(
         f"unknown tokenizer type: {path} is not a SentencePiece model, a tiktoken BPE ranks file "
         "(lines 'base64 rank') or a Hugging Face tokenizer.json")
+
+
+def load_vocabulary(path) -> Vocabulary:
+    """A tokenizer file, or an HF model directory (tokenizer.model before tokenizer.json).
+
+    Raises ConfigError for anything that is not a SentencePiece model, a tiktoken BPE ranks file
+    or a Hugging Face tokenizer.json with a BPE model, and for a file of one of those kinds that
+    is damaged (the kinds' parsers fail in their own ways: named here, with the file).
+    """
+    try:
+        return _open_vocabulary(path)
+    except ConfigError:
+        raise
+    except (RuntimeError, TypeError, AttributeError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"tokenizer {path}: damaged or malformed ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from e
 
 
 def find_tokenizer(directory) -> Optional[Path]:
