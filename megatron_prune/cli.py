@@ -23,6 +23,7 @@ COMMANDS = (
     ("prune", "megatron_prune.commands.prune"),
     ("prune-hf", "megatron_prune.commands.prune"),
     ("import-llama2c", "megatron_prune.commands.import_llama2c"),
+    ("import-gguf", "megatron_prune.commands.import_gguf"),
     ("verify", "megatron_prune.commands.verify"),
     ("generate", "megatron_prune.commands.generate"),
     ("eval", "megatron_prune.commands.eval"),

@@ -16,3 +16,17 @@ def stories260k_hf(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stories260k") / "hf"
     import_llama2c(src / "stories260K.bin", src / "tok512.bin", out, dtype="fp32")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (../shared/data, GGUF) imported to a Hugging Face directory, fp32
+    (the dequantized weights), with its tokenizer. Read-only for tests."""
+    pytest.importorskip("gguf")
+    from megatron_prune.checkpoint.gguf import import_gguf
+
+    src = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models"
+           / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    import_gguf(src, out)
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ from megatron_prune.vocab.bpe import merge_tree
 from megatron_prune.vocab.base import Vocabulary
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
+log = logging.getLogger(__name__)
 _NOT_IN_UTF8 = frozenset([0xC0, 0xC1] + list(range(0xF5, 0x100)))
 
 
@@ -106,9 +108,11 @@ class HFBPEVocabulary(Vocabulary):
             # Bytes that never occur in UTF-8 (C0, C1, F5..FF) may be missing, as in GPT-NeoX's.
             missing = [b for b, c in bytes_to_unicode().items()
                        if c not in self.vocab and b not in _NOT_IN_UTF8]
-            if missing:
-                raise ConfigError(f"tokenizer {path}: byte-level BPE lacks base characters of "
-                                  f"bytes {[hex(b) for b in missing[:3]]}")
+            if missing:  # SmolLM2's lacks 0x04, 0xf1, 0xf2: text with them did not encode
+                # before either, so the pruned tokenizer loses nothing the original had
+                log.warning("tokenizer %s: byte-level BPE has no base character for bytes %s; "
+                            "text containing them cannot be encoded by it (pruned or not)",
+                            path, [hex(b) for b in missing])
         self._tk = None
 
     @property
