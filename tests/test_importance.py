@@ -84,7 +84,7 @@ def test_layer_loss_is_the_loss_of_the_model_without_that_layer(stories260k_hf, 
     the model pruned to drop layer i; `prune --layer-method perplexity` keeps the layers whose
     skipping costs most. Without the data pass the flag is refused."""
     from megatron_prune.data.calibration import calibration_batches, load_tokenizer
-    from megatron_prune.prune.importance_hf import _mean_loss
+    from megatron_prune.prune.importance_hf import mean_loss
     from megatron_prune.prune.plan import PrunePlan
     calib = ["--data", str(sampled[0]), "--samples", "8", "--seq-length", "64",
              "--micro-batch-size", "3"]
@@ -93,12 +93,12 @@ def test_layer_loss_is_the_loss_of_the_model_without_that_layer(stories260k_hf, 
     meta = ImportanceScores.load(tmp_path / "s.pt").meta
     batches = calibration_batches(load_tokenizer(stories260k_hf), [sampled[0]], 8, 64)
     src = convert.open_source(stories260k_hf)
-    assert meta["loss"] == pytest.approx(_mean_loss(load_hf_model(stories260k_hf), batches, 3),
+    assert meta["loss"] == pytest.approx(mean_loss(load_hf_model(stories260k_hf), batches, 3),
                                          rel=1e-6)
     for i in range(5):
         plan = make_plan(src.config, PruneTarget(drop_layers=[i]), random_scores(src.config, 0))
         pruned = hf_model_from_source(PrunedSource(src, plan))
-        assert meta["layer_loss"][i] == pytest.approx(_mean_loss(pruned, batches, 3), rel=1e-6)
+        assert meta["layer_loss"][i] == pytest.approx(mean_loss(pruned, batches, 3), rel=1e-6)
     assert min(meta["layer_loss"]) > meta["loss"]
     assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "p"),
                  "--num-layers-remain", "3", "--layer-method", "perplexity",

@@ -6,8 +6,9 @@ import json
 
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.megatron import megatron_lm_hint
+from megatron_prune.prune.apply import PLAN_FILE, SizeSearch, prune_hf, prune_megatron
 from megatron_prune.prune.plan import LAYER_METHODS, PRUNE_TYPES, PruneTarget
-from megatron_prune.prune.apply import PLAN_FILE, prune_hf, prune_megatron
+from megatron_prune.prune.search import Budget, SearchLimits, parse_size, table
 
 IMPORTANCE = ("random", "magnitude", "activation", "taylor")
 
@@ -36,6 +37,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "(1 - cos(in, out)), the contiguous block with least angular distance, "
                         "or the layers whose skipping raises the calibration loss least "
                         "(perplexity: needs scores from importance --layer-loss)")
+    add_size_args(p)
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
                    help="random: seeded random masks; magnitude: weight norms (no data); "
@@ -50,6 +52,72 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
 
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "prune to a size (instead of a shape): every shape that fits and loads at the "
+        "checkpoint's TP/PP, the best by importance kept scored by calibration loss")
+    g.add_argument("--target-params", type=parse_size, metavar="N",
+                   help="parameter budget, e.g. 70M or 4B (candidates within "
+                        "--budget-tolerance below it)")
+    g.add_argument("--target-memory-gb", type=float, metavar="GIB",
+                   help="memory budget: bf16 weights + the KV cache of --kv-batch-size "
+                        "sequences of --kv-seq-length tokens")
+    g.add_argument("--kv-seq-length", type=int, default=4096)
+    g.add_argument("--kv-batch-size", type=int, default=1)
+    g.add_argument("--budget-tolerance", type=float, default=0.01,
+                   help="candidates use at least (1 - this) of the budget (default 0.01)")
+    g.add_argument("--max-width-prune", type=float, default=0.5,
+                   help="each of hidden, KV groups, heads per group and FFN keeps at least "
+                        "(1 - this) of itself (default 0.5)")
+    g.add_argument("--max-depth-prune", type=float, default=0.5,
+                   help="at most this share of the layers is removed (default 0.5)")
+    g.add_argument("--search-candidates", type=int, default=8,
+                   help="how many shapes (the best by importance kept) are scored on data")
+    g.add_argument("--search-data", nargs="+", metavar="FILE",
+                   help="calibration text (.txt / .jsonl) the candidates' loss is measured on; "
+                        "without it they are ranked by importance kept only")
+    g.add_argument("--search-samples", type=int, default=8)
+    g.add_argument("--search-seq-length", type=int, default=512)
+    g.add_argument("--tokenizer", help="tokenizer for --search-data (default: the model's)")
+    g.add_argument("--allow-hf-unloadable", action="store_true",
+                   help="also try hidden sizes not divisible by the head count (transformers "
+                        ">= 5 refuses to load those)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the candidates and the winner; write nothing")
+
+
+def size_from(a, model_dir) -> "SizeSearch | None":
+    """The size search the flags ask for (None: prune to the shape given)."""
+    if a.target_params is None and a.target_memory_gb is None:
+        if a.dry_run:
+            raise ConfigError("--dry-run goes with --target-params or --target-memory-gb")
+        return None
+    if a.target_params is not None and a.target_memory_gb is not None:
+        raise ConfigError("give --target-params or --target-memory-gb, not both")
+    shape = [f for f in ("hidden", "heads", "groups", "ffn", "drop_layers", "num_layers")
+             if getattr(a, f) is not None]
+    if shape:
+        raise ConfigError(f"a size target chooses the shape itself: drop {shape} (or the size)")
+    if a.plan:
+        raise ConfigError("--plan re-applies a saved plan: drop the size target")
+    budget = Budget(params=a.target_params, tolerance=a.budget_tolerance,
+                    memory_bytes=None if a.target_memory_gb is None
+                    else int(a.target_memory_gb * 2**30),
+                    kv_seq_length=a.kv_seq_length, kv_batch=a.kv_batch_size)
+    limits = SearchLimits(max_width_prune=a.max_width_prune, max_depth_prune=a.max_depth_prune,
+                          hf_loadable=not a.allow_hf_unloadable, keep=a.search_candidates)
+    return SizeSearch(budget, limits, _search_batches(a, model_dir), dry_run=a.dry_run)
+
+
+def _search_batches(a, model_dir):
+    if not a.search_data:
+        return None
+    from megatron_prune.checkpoint.hf import model_tokenizer_dir
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    tok = load_tokenizer(a.tokenizer or model_tokenizer_dir(model_dir))
+    return calibration_batches(tok, a.search_data, a.search_samples, a.search_seq_length)
+
+
 def target_from(a) -> PruneTarget:
     return PruneTarget(hidden_size=a.hidden, num_attention_heads=a.heads,
                        num_query_groups=a.groups, ffn_hidden_size=a.ffn,
@@ -58,29 +126,37 @@ def target_from(a) -> PruneTarget:
 
 
 def _run_prune(a) -> int:
+    size = size_from(a, a.load)
     plan = prune_megatron(a.load, a.save, target_from(a), importance=a.importance,
                           scores=a.scores, prune_type=a.prune_type, seed=a.seed, plan_file=a.plan,
-                          pp=a.pp, first=a.first, last=a.last, force=a.force)
-    _report(plan, a.save)
-    print(megatron_lm_hint(a.save))
+                          pp=a.pp, first=a.first, last=a.last, force=a.force, size=size)
+    _report(plan, a.save, size)
+    if not (size and size.dry_run):
+        print(megatron_lm_hint(a.save))
     return 0
 
 
 def _run_prune_hf(a) -> int:
+    size = size_from(a, a.hf_dir)
     plan = prune_hf(a.hf_dir, a.save, target_from(a), importance=a.importance, scores=a.scores,
                     prune_type=a.prune_type, tp=a.tp, seed=a.seed, plan_file=a.plan,
-                    force=a.force)
-    _report(plan, a.save)
+                    force=a.force, size=size)
+    _report(plan, a.save, size)
     return 0
 
 
-def _report(plan, save) -> None:
+def _report(plan, save, size=None) -> None:
     s, t = plan.source_config, plan.target_config
-    print(f"pruned {s.num_params() / 1e6:.2f}M -> {t.num_params() / 1e6:.2f}M parameters "
+    if "search" in plan.meta:
+        print(table(plan.meta["search"], s))
+    dry = size is not None and size.dry_run
+    print(f"{'would prune' if dry else 'pruned'} {s.num_params() / 1e6:.2f}M -> "
+          f"{t.num_params() / 1e6:.2f}M parameters "
           f"(layers {s.num_layers}->{t.num_layers}, hidden {s.hidden_size}->{t.hidden_size}, "
           f"heads {s.num_attention_heads}->{t.num_attention_heads}, groups "
           f"{s.num_query_groups}->{t.num_query_groups}, ffn {s.ffn_hidden_size}->"
-          f"{t.ffn_hidden_size}); wrote {save} with {PLAN_FILE}")
+          f"{t.ffn_hidden_size})" + ("; --dry-run: nothing written" if dry else
+                                     f"; wrote {save} with {PLAN_FILE}"))
 
 
 def add_parsers(sub) -> None:

@@ -9,6 +9,7 @@ file at a time. The same writers as conversion then lay the result out at any TP
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,8 +20,11 @@ from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.convert import HFSource, open_source, write_hf, write_megatron
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
+from megatron_prune.checkpoint.hf_model import hf_model_from_source
+from megatron_prune.prune.importance_hf import mean_loss
 from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
+from megatron_prune.prune.search import Budget, SearchLimits, search
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "prune_plan.json"
@@ -86,29 +90,75 @@ def compute_scores(source, cfg: ModelConfig, importance: str, scores_file: Optio
                       "`megatron-prune importance` (it measures activations on data)")
 
 
+@dataclass
+class SizeSearch:
+    """Prune to a size: the budget, how far each dimension may shrink, and the calibration
+    batches candidates are scored on (None: ranked by the importance they keep only)."""
+    budget: Budget
+    limits: SearchLimits
+    batches: Optional[torch.Tensor] = None
+    micro_batch: int = 4
+    dry_run: bool = False
+
+
 def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_type: str,
-             tp: int, seed: int, plan_file=None) -> PrunePlan:
+             tp: int, seed: int, plan_file=None, size: Optional[SizeSearch] = None,
+             pp: int = 1) -> PrunePlan:
     cfg = source.config
     if plan_file:
         plan = PrunePlan.load(plan_file)
         plan.check_source(cfg)
         return plan
     scores = compute_scores(source, cfg, importance, scores_file, seed)
+    if size is not None:
+        return plan_for_budget(source, size, scores, target.layer_method, prune_type, tp, pp, seed)
     return make_plan(cfg, target, scores, prune_type=prune_type, tp=tp, seed=seed)
+
+
+def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, layer_method: str,
+                    prune_type: str, tp: int, pp: int, seed: int) -> PrunePlan:
+    """The search's winner as a plan; the whole search is recorded in plan.meta["search"]."""
+    cfg = source.config
+    limits = size.limits
+    if scores.layers is None and limits.max_depth_prune > 0:
+        log.warning("%s importance gives no layer scores: searching width only", scores.method)
+        limits = SearchLimits(**{**limits.__dict__, "max_depth_prune": 0.0})
+    if size.batches is None:
+        log.warning("no search data: candidates are ranked by the importance they keep only")
+    loss_of = None if size.batches is None else _calibration_loss(source, size)
+    result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
+                    prune_type=prune_type, layer_method=layer_method)
+    plan = make_plan(cfg, result.winner.target(layer_method), scores, prune_type=prune_type,
+                     tp=tp, seed=seed)
+    plan.meta["search"] = result.as_dict()
+    return plan
+
+
+def _calibration_loss(source, size: SizeSearch):
+    """plan -> the mean LM loss of the source pruned by it (built in memory) on the batches."""
+    def loss_of(plan: PrunePlan) -> float:
+        model = hf_model_from_source(PrunedSource(source, plan))
+        with torch.inference_mode():
+            return mean_loss(model, size.batches, size.micro_batch)
+    return loss_of
 
 
 def prune_megatron(load, save, target: PruneTarget, *, importance="random", scores=None,
                    prune_type="balance", seed=1234, plan_file=None, pp=None, first=None,
-                   last=None, force=False) -> PrunePlan:
-    """Prune a Megatron checkpoint at its own TP (and its PP, unless another is given)."""
+                   last=None, force=False, size: Optional[SizeSearch] = None) -> PrunePlan:
+    """Prune a Megatron checkpoint at its own TP (and its PP, unless another is given), to the
+    target shape or (`size`) to the best shape for a budget."""
     check_output(save, force)
     source = open_source(load)
     if isinstance(source, HFSource):
         raise ConfigError(f"--load {load} is a Hugging Face directory; use prune-hf")
     ckpt = source.ckpt
-    plan = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed, plan_file)
-    cfg = plan.target_config
     pp = pp or ckpt.pp
+    plan = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed, plan_file,
+                    size, pp if first is None and last is None else 1)
+    if size is not None and size.dry_run:
+        return plan
+    cfg = plan.target_config
     if first is None and last is None and pp == ckpt.pp and cfg.num_layers == ckpt.config.num_layers:
         first, last = _uneven_split(ckpt.stage_counts)  # keep the input's stage split
     counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
@@ -135,12 +185,14 @@ def _uneven_split(counts) -> tuple:
 
 def prune_hf(hf_dir, save, target: Optional[PruneTarget] = None, *, importance="random",
              scores=None, prune_type="balance", tp=1, seed=1234, plan_file=None,
-             force=False) -> PrunePlan:
+             force=False, size: Optional[SizeSearch] = None) -> PrunePlan:
     """Prune an HF checkpoint (real weights, tensor by tensor); tokenizer files are copied."""
     check_output(save, force)
     source = HFSource(HFCheckpoint(hf_dir))
     plan = plan_for(source, target or PruneTarget(), importance, scores, prune_type, tp, seed,
-                    plan_file)
+                    plan_file, size)
+    if size is not None and size.dry_run:
+        return plan
     with atomic_output_dir(save, force) as tmp:
         write_hf(PrunedSource(source, plan), plan.target_config, tmp, source.dtype)
         copy_tokenizer(Path(hf_dir), tmp)

@@ -175,7 +175,7 @@ def skip_layer(m, args, kwargs, out):
 
 
 @torch.no_grad()
-def _mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
+def mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
     """Mean next-token loss over all b x (s-1) positions of the calibration batches."""
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -188,11 +188,11 @@ def _mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
 def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
                  progress: bool = True) -> dict:
     """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}."""
-    out = {"loss": _mean_loss(model, batches, micro_batch), "layer_loss": []}
+    out = {"loss": mean_loss(model, batches, micro_batch), "layer_loss": []}
     for layer in tqdm(model.model.layers, desc="layer loss", disable=not progress, unit="layer"):
         hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
         try:
-            out["layer_loss"].append(_mean_loss(model, batches, micro_batch))
+            out["layer_loss"].append(mean_loss(model, batches, micro_batch))
         finally:
             hook.remove()
     return out
