@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.config import DTYPES, ConfigError, ModelConfig
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
-from megatron_prune.checkpoint.hf import (HFCheckpoint, copy_tokenizer, keep_tokenizer, model_tokenizer_dir,
-                            write_hf_checkpoint)
+from megatron_prune.checkpoint.hf import (HFCheckpoint, copy_tokenizer, keep_tokenizer,
+                                          model_tokenizer_dir, write_hf_checkpoint)
 from megatron_prune.checkpoint.legacy import write_legacy
 from megatron_prune.checkpoint.megatron import open_megatron
 from megatron_prune.checkpoint.megatron_dirs import check_megatron_input

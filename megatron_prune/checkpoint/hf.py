@@ -9,7 +9,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
-from megatron_prune.checkpoint.tensor_io import CheckpointReadError, SafetensorsReader, SafetensorsWriter, TorchFileReader
+from megatron_prune.checkpoint.tensor_io import (CheckpointReadError, SafetensorsReader,
+                                                 SafetensorsWriter, TorchFileReader)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")

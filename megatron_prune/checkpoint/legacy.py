@@ -21,8 +21,8 @@ from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.config import ModelConfig
 from megatron_prune.checkpoint.megatron_dirs import (CHECKPOINT_VERSION, TRACKER, iter_dir_name,
                                                      rank_dir_name, read_tracker)
-from megatron_prune.checkpoint.tensor_io import (CheckpointReadError, TorchFileReader, save_streamed,
-                                                 torch_load)
+from megatron_prune.checkpoint.tensor_io import (CheckpointReadError, TorchFileReader,
+                                                 save_streamed, torch_load)
 
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 

@@ -68,8 +68,8 @@ from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.config import DTYPES, ConfigError, ModelConfig
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import write_hf_checkpoint
-from megatron_prune.checkpoint.tensor_io import CheckpointReadError
 from megatron_prune.checkpoint.hf_tokenizer import write_llama_tokenizer_config
+from megatron_prune.checkpoint.tensor_io import CheckpointReadError
 
 log = logging.getLogger(__name__)
 

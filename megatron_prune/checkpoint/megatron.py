@@ -19,7 +19,8 @@ def open_megatron(root):
     fmt = checkpoint_format(root)
     if fmt == "torch":
         return LegacyCheckpoint(root)
-    from megatron_prune.checkpoint.torch_dist_read import DistCheckpoint  # megatron-core import is slow; only when needed
+    from megatron_prune.checkpoint.torch_dist_read import \
+        DistCheckpoint  # megatron-core import is slow; only when needed
     return DistCheckpoint(root)
 
 

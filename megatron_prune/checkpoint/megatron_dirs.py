@@ -14,7 +14,6 @@ from typing import Optional
 
 from megatron_prune.checkpoint.tensor_io import CheckpointReadError
 
-
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 

@@ -54,24 +54,16 @@ import torch
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-)
-from torch.distributed.checkpoint.planner import (
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.futures import Future
 from tqdm.auto import tqdm
 
 from megatron_prune.checkpoint import layout
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
-from megatron_prune.checkpoint.megatron_dirs import (CHECKPOINT_VERSION, TRACKER, iter_dir_name)
+from megatron_prune.checkpoint.megatron_dirs import CHECKPOINT_VERSION, TRACKER, iter_dir_name
 
 if TYPE_CHECKING:
     from megatron.core.dist_checkpointing import ShardedTensor

@@ -5,18 +5,18 @@ import argparse
 import textwrap
 
 from megatron_prune.checkpoint.config import ConfigError
-from megatron_prune.eval.text import TXT_MODES
 from megatron_prune.data.tokenizers import add_tokenizer_args
+from megatron_prune.eval.text import TXT_MODES
 
 
 def _run(a) -> int:
     import torch
 
-    from megatron_prune.eval import evaluate
-    from megatron_prune.data.calibration import load_tokenizer
     from megatron_prune.checkpoint.hf import model_tokenizer_dir
     from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
     from megatron_prune.data.tokenizers import tokenizer_from_args
+    from megatron_prune.eval import evaluate
     if bool(a.tokenizer_type) != bool(a.tokenizer_model):
         raise ConfigError("--tokenizer-type and --tokenizer-model go together")
     if a.tokenizer_type and a.task != "ppl":

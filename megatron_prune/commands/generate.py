@@ -9,9 +9,9 @@ from megatron_prune.checkpoint.config import ConfigError
 def _run(a) -> int:
     import torch
 
-    from megatron_prune.data.calibration import load_tokenizer
     from megatron_prune.checkpoint.hf import model_tokenizer_dir
     from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
     model = load_hf_model(a.model)
     tok_path = a.tokenizer or model_tokenizer_dir(a.model)
     tok = load_tokenizer(tok_path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_prune.data.calibration import calibration_batches, load_tokenizer
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.convert import HFSource, open_source
 from megatron_prune.checkpoint.hf import model_tokenizer_dir
+from megatron_prune.data.calibration import calibration_batches, load_tokenizer
 
 
 def _backend(a, world: int) -> str:
@@ -35,8 +35,8 @@ def _backend(a, world: int) -> str:
 def _run(a) -> int:
     import torch
 
-    from megatron_prune.prune.importance_hf import compute_importance
     from megatron_prune.mcore.parallel import launched_rank, launched_world_size
+    from megatron_prune.prune.importance_hf import compute_importance
     from megatron_prune.prune.importance_mcore import compute_importance_megatron
     from megatron_prune.prune.scores import magnitude_scores, random_scores
     world, rank = launched_world_size(), launched_rank()

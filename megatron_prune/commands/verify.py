@@ -32,7 +32,8 @@ def add_parsers(sub) -> None:
 
 
 def _run(a) -> int:
-    from megatron_prune.eval import verify  # megatron-core and transformers load only when verify runs
+    from megatron_prune.eval import \
+        verify  # megatron-core and transformers load only when verify runs
 
     result = verify.verify(a.hf_dir, a.load, tokens=a.tokens, batch=a.batch, seed=a.seed,
                            attn_implementation=a.attn_implementation)

@@ -47,7 +47,8 @@ import numpy as np
 
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.fsutil import OutputExistsError
-from megatron_prune.data.records import _check_first_record, _fields, _records, is_jsonl, resolve_inputs
+from megatron_prune.data.records import (_check_first_record, _fields, _records, is_jsonl,
+                                         resolve_inputs)
 from megatron_prune.data.tokenizers import TokenizerSpec
 
 log = logging.getLogger(__name__)

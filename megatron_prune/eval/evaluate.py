@@ -36,9 +36,10 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from megatron_prune.data.calibration import iter_documents
 from megatron_prune.checkpoint.config import ConfigError
-from megatron_prune.eval.text import TXT_MODES, data_protocol, read_documents  # noqa: F401 (the API)
+from megatron_prune.data.calibration import iter_documents
+from megatron_prune.eval.text import (TXT_MODES, data_protocol,  # noqa: F401 (the API)
+                                      read_documents)
 from megatron_prune.eval.wikitext import markup_spans
 
 

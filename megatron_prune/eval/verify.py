@@ -11,15 +11,14 @@ from typing import Optional
 
 import torch
 
-from megatron_prune.mcore.load import load_checkpoint_into_model
-
-from megatron_prune.mcore.model import build_gpt_model, resolve_impl, stage_split
-
-from megatron_prune.mcore.parallel import destroy_distributed, gather_tp_logits, init_distributed, pipeline_forward
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.hf import HFCheckpoint
 from megatron_prune.checkpoint.megatron import open_megatron
 from megatron_prune.checkpoint.megatron_dirs import check_megatron_input
+from megatron_prune.mcore.load import load_checkpoint_into_model
+from megatron_prune.mcore.model import build_gpt_model, resolve_impl, stage_split
+from megatron_prune.mcore.parallel import (destroy_distributed, gather_tp_logits, init_distributed,
+                                           pipeline_forward)
 
 # Shape fields that must agree between the HF directory and the Megatron checkpoint.
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",

@@ -13,6 +13,7 @@ import torch
 
 from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
 
+
 class _CudaOnCpu:
     """`torch.cuda` as seen by a patched megatron module: `current_device()` is the CPU and
     `synchronize()` does nothing."""

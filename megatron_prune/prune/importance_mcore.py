@@ -46,12 +46,12 @@ from typing import Optional
 import torch
 
 from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
 from megatron_prune.mcore.load import load_legacy_into_model
 from megatron_prune.mcore.model import build_gpt_model
-from megatron_prune.mcore.parallel import (destroy_distributed, init_distributed, launched_world_size,
-                                           pipeline_forward, resolve_parallel)
-from megatron_prune.checkpoint.config import ConfigError, ModelConfig
+from megatron_prune.mcore.parallel import (destroy_distributed, init_distributed,
+                                           launched_world_size, pipeline_forward, resolve_parallel)
 from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
 
 log = logging.getLogger(__name__)

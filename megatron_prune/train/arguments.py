@@ -9,8 +9,7 @@ import argparse
 import dataclasses
 from typing import List
 
-from megatron_prune.train.config import (LR_DECAY_STYLES, MATMUL_PRECISIONS, OPTIMIZERS,
-                                         TrainArgs)
+from megatron_prune.train.config import LR_DECAY_STYLES, MATMUL_PRECISIONS, OPTIMIZERS, TrainArgs
 
 
 # (flag, group, field, argparse kwargs). The flag names are Megatron-LM's where it has one.

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
-
-from megatron_prune.mcore.cpu import cpu_patches
-from megatron_prune.mcore.cpu import _TorchOnCpu
+from megatron_prune.mcore.cpu import _TorchOnCpu, cpu_patches
 
 _PATCHED = False
 

@@ -145,10 +145,9 @@ def build_datasets(*, data_path, split, mock, seq_length, seed, tokenizer: Token
     empty) gives every split data of its own instead of cutting `data_path` by `split`."""
     from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
     with quiet_megatron_import():
-        from megatron.core.datasets.blended_megatron_dataset_builder import (
-            BlendedMegatronDatasetBuilder)
-        from megatron.core.datasets.gpt_dataset import (GPTDataset, GPTDatasetConfig,
-                                                        MockGPTDataset)
+        from megatron.core.datasets.blended_megatron_dataset_builder import \
+            BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     blend = per_split = None
     if split_paths is not None and any(split_paths):
         flags = ("--train-data-path", "--valid-data-path", "--test-data-path")

@@ -14,10 +14,9 @@ from typing import List, Optional
 
 import torch
 
-from megatron_prune.mcore.load import load_legacy_into_model
-
-from megatron_prune.mcore.model import stage_split
 from megatron_prune.checkpoint.config import ConfigError
+from megatron_prune.mcore.load import load_legacy_into_model
+from megatron_prune.mcore.model import stage_split
 from megatron_prune.train import model as model_mod
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
-from megatron_prune.prune.plan import PrunePlan
 from megatron_prune.prune.apply import PLAN_FILE
+from megatron_prune.prune.plan import PrunePlan
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 
 from megatron_prune.checkpoint import layout
-from megatron_prune.mcore.model import build_gpt_model, have_transformer_engine, resolve_impl
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.hf import model_tokenizer_dir
 from megatron_prune.checkpoint.legacy import LegacyCheckpoint
 from megatron_prune.checkpoint.megatron_dirs import TRACKER, checkpoint_format
+from megatron_prune.mcore.model import build_gpt_model, have_transformer_engine, resolve_impl
 from megatron_prune.train import fusions, sdpa_attention
 from megatron_prune.train.config import ModelArgs, ParallelArgs
 

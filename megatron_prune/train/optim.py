@@ -180,8 +180,7 @@ def _megatron_wrapped(model, o: OptimizerArgs, cfg: ModelConfig, config, *, bf16
     """MuonAdamW inside megatron-core's wrapper, as `get_megatron_optimizer` wraps AdamW: fp32
     main weights (bf16) or the model's own (fp32), clipping, and the grad-norm groups."""
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer.optimizer import (FP32Optimizer,
-                                                   Float16OptimizerWithFloat16Params)
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
     inner = torch_optimizer(*param_groups(model, o), o, cfg)
     no_state = lambda opt, config=None: None  # noqa: E731 (state is made on the first step)
     opt = (Float16OptimizerWithFloat16Params(inner, config, None, no_state) if bf16

@@ -15,14 +15,13 @@ from typing import Optional
 import torch
 
 from megatron_prune.checkpoint import layout
-from megatron_prune.mcore.load import load_legacy_into_model
-from megatron_prune.mcore.model import stage_split
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.tensor_io import torch_load
+from megatron_prune.mcore.load import load_legacy_into_model
+from megatron_prune.mcore.model import stage_split
 from megatron_prune.train import checkpointing as ckpt_mod
 from megatron_prune.train import data as data_mod
-from megatron_prune.train import fusions
-from megatron_prune.train import hidden_distill
+from megatron_prune.train import fusions, hidden_distill
 from megatron_prune.train import lora as lora_mod
 from megatron_prune.train import model as model_mod
 from megatron_prune.train.config import TrainArgs
@@ -159,8 +158,7 @@ class TrainerSetup:
     def _build_model(self) -> None:
         """This rank's GPTModel piece with its weights, wrapped in megatron DDP."""
         from megatron.core.distributed import (DistributedDataParallel,
-                                               DistributedDataParallelConfig,
-                                               finalize_model_grads)
+                                               DistributedDataParallelConfig, finalize_model_grads)
         from megatron.core.pipeline_parallel import get_forward_backward_func
         m, p = self.args.model, self.args.parallel
         self.lora = self.args.lora_spec()

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
-from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
 from megatron_prune.checkpoint.hf_tokenizer import write_hf_sentencepiece_dir
+from megatron_prune.checkpoint.mcore_import import quiet_megatron_import
 from megatron_prune.data.tokenizers import SENTENCEPIECE_TYPES
+from megatron_prune.mcore.parallel import destroy_distributed, init_distributed
 from megatron_prune.train import checkpointing as ckpt_mod
 from megatron_prune.train import hidden_distill
 from megatron_prune.train import lora as lora_mod

@@ -21,7 +21,6 @@ from megatron_prune.checkpoint import convert, layout
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, model_tokenizer_dir
-
 from megatron_prune.vocab.load import find_tokenizer, load_vocabulary
 from megatron_prune.vocab.vocab_map import FILE_NAME, VocabMap
 

@@ -26,10 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_prune.checkpoint.config import ConfigError
-
-from megatron_prune.vocab.jsonfile import read_tagged
-
 from megatron_prune.vocab.base import Vocabulary
+from megatron_prune.vocab.jsonfile import read_tagged
 from megatron_prune.vocab.load import load_vocabulary
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prune.checkpoint.config import ConfigError
-
-from megatron_prune.vocab.bpe import merge_tree
 from megatron_prune.vocab.base import Vocabulary
+from megatron_prune.vocab.bpe import merge_tree
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 log = logging.getLogger(__name__)

@@ -8,11 +8,10 @@ from typing import Optional
 
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
-
-from megatron_prune.vocab.freq import FreqCounts
-from megatron_prune.vocab.select import select_tokens
 from megatron_prune.vocab.base import Vocabulary
+from megatron_prune.vocab.freq import FreqCounts
 from megatron_prune.vocab.load import load_vocabulary
+from megatron_prune.vocab.select import select_tokens
 from megatron_prune.vocab.vocab_map import FILE_NAME, VocabMap
 
 log = logging.getLogger(__name__)

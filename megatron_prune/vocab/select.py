@@ -8,7 +8,6 @@ from typing import Iterable, Optional
 import numpy as np
 
 from megatron_prune.checkpoint.config import ConfigError
-
 from megatron_prune.vocab.base import Vocabulary
 
 log = logging.getLogger(__name__)

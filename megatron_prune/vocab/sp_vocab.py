@@ -15,9 +15,8 @@ from typing import Optional, Sequence
 
 from megatron_prune.checkpoint import sp_tokenizer_json
 from megatron_prune.checkpoint.config import ConfigError
-
-from megatron_prune.vocab.bpe import merge_tree
 from megatron_prune.vocab.base import Vocabulary
+from megatron_prune.vocab.bpe import merge_tree
 
 log = logging.getLogger(__name__)
 

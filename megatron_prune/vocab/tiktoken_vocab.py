@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prune.checkpoint.config import ConfigError
-
-from megatron_prune.vocab.bpe import merge_tree
 from megatron_prune.vocab.base import Vocabulary
+from megatron_prune.vocab.bpe import merge_tree
 
 CONFIG_NAME = "tiktoken_config.json"
 # Meta's Llama-3 pre-tokenizer (llama/tokenizer.py).

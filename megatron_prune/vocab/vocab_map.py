@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_prune.checkpoint.config import ConfigError
-
 from megatron_prune.vocab.jsonfile import read_tagged
 
 FORMAT = "emb_pruner.vocab_map"
