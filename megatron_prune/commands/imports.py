@@ -1,10 +1,10 @@
-"""import-llama2c: a llama2.c checkpoint + tokenizer.bin -> a Hugging Face Llama directory."""
+"""import-llama2c and import-gguf: other formats -> a Hugging Face Llama directory."""
 from __future__ import annotations
 
 import argparse
 import textwrap
 
-from megatron_prune.checkpoint import llama2c
+from megatron_prune.checkpoint import gguf, llama2c
 
 
 def add_parsers(sub) -> None:
@@ -30,15 +30,36 @@ def add_parsers(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="llama2.c tokenizer file (tokenizer.bin for the 32000-piece Llama-2 "
                         "vocab, tok512.bin for stories260K); omit to write the model only")
+    _output_args(p, "default fp32, llama2.c's own")
+    p.set_defaults(func=lambda a: _report(a, llama2c.import_llama2c(
+        a.checkpoint, a.tokenizer, a.save, dtype=a.dtype, force=a.force)))
+    p = sub.add_parser(
+        "import-gguf", help="GGUF file (llama.cpp) -> Hugging Face Llama directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Import a Llama-architecture GGUF file into a Hugging Face directory: "
+            "config.json + safetensors (the weights transformers dequantizes from the GGUF "
+            "blocks) + the tokenizer transformers rebuilds from the GGUF vocabulary. The file is "
+            "checked first (complete, architecture 'llama'); nothing is written unless the "
+            "import succeeds. Needs the `gguf` package.", 79),
+        epilog="example:\n  megatron-prune import-gguf --gguf SmolLM2-135M-Instruct.Q4_1.gguf "
+               "--save smollm2-hf\n\nthen: megatron-prune hf-to-megatron --hf-dir smollm2-hf "
+               "--save smollm2-tp3 --tensor-model-parallel-size 3")
+    p.add_argument("--gguf", required=True, help="the .gguf file")
+    _output_args(p, "default fp32: the dequantized values exactly")
+    p.set_defaults(func=lambda a: _report(a, gguf.import_gguf(a.gguf, a.save, dtype=a.dtype,
+                                                             force=a.force)))
+
+
+def _output_args(p, dtype_default: str) -> None:
     p.add_argument("--save", required=True, help="output HF model directory")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="output dtype (default fp32, llama2.c's own)")
+                   help=f"output dtype ({dtype_default})")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    p.set_defaults(func=_run)
 
 
-def _run(a) -> int:
-    cfg = llama2c.import_llama2c(a.checkpoint, a.tokenizer, a.save, dtype=a.dtype, force=a.force)
+def _report(a, cfg) -> int:
     print(f"wrote {a.save} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_query_groups} KV groups, "
           f"vocab {cfg.vocab_size}, {cfg.num_params():,} parameters)")
     return 0
