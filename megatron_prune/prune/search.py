@@ -64,10 +64,6 @@ class Budget:
     def limit(self) -> int:
         return self.params if self.params is not None else self.memory_bytes
 
-    def fits(self, cfg: ModelConfig) -> bool:
-        cost = self.cost(cfg)
-        return (1 - self.tolerance) * self.limit <= cost <= self.limit
-
     def describe(self, value: int) -> str:
         return f"{value / 1e6:.2f}M parameters" if self.params is not None else \
             f"{value / 2**30:.3f} GiB"
@@ -83,10 +79,14 @@ class SearchLimits:
     keep: int = 8                  # candidates scored on calibration data
 
     def steps(self, cfg: ModelConfig) -> tuple:
-        """(hidden step, FFN step): about 64 sizes per dimension, powers of two, at least 16/64."""
-        auto = lambda n, least: max(least, 1 << max(0, (n // 64).bit_length() - 1))  # noqa: E731
-        return (self.hidden_step or auto(cfg.hidden_size, 16),
-                self.ffn_step or auto(cfg.ffn_hidden_size, 64))
+        """(hidden step, FFN step): given, or powers of two giving at most 64 sizes over the
+        whole dimension (at least 16 for hidden, 64 for the FFN)."""
+        return (self.hidden_step or _pow2_step(cfg.hidden_size, 16),
+                self.ffn_step or _pow2_step(cfg.ffn_hidden_size, 64))
+
+
+def _pow2_step(n: int, least: int) -> int:
+    return max(least, 1 << max(0, (n // 64).bit_length() - 1))
 
 
 def _kept(n: int, prune: float, step: int = 1) -> list:
@@ -136,8 +136,9 @@ def check_budget(cfg: ModelConfig, budget: Budget, limits: SearchLimits, tp: int
                  shapes: list) -> None:
     """Refuse a budget the model already meets, or one no allowed shape can meet."""
     if budget.cost(cfg) <= budget.limit:
-        raise ConfigError(f"the model is already within the budget ({budget.describe(budget.cost(cfg))}"
-                          f" <= {budget.describe(budget.limit)}): nothing to prune")
+        raise ConfigError(f"the model is already within the budget "
+                          f"({budget.describe(budget.cost(cfg))} <= "
+                          f"{budget.describe(budget.limit)}): nothing to prune")
     if shapes:
         return
     smallest = enumerate_shapes(cfg, Budget(params=10**18, tolerance=1.0), limits, tp, pp) \
