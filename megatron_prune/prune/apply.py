@@ -8,6 +8,7 @@ file at a time. The same writers as conversion then lay the result out at any TP
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, layer_me
     limits = size.limits
     if scores.layers is None and limits.max_depth_prune > 0:
         log.warning("%s importance gives no layer scores: searching width only", scores.method)
-        limits = SearchLimits(**{**limits.__dict__, "max_depth_prune": 0.0})
+        limits = dataclasses.replace(limits, max_depth_prune=0.0)
     if size.batches is None:
         log.warning("no search data: candidates are ranked by the importance they keep only")
     loss_of = None if size.batches is None else _calibration_loss(source, size)
