@@ -146,6 +146,46 @@ def test_hidden_pruning_changes_rmsnorm_statistics(hf, tmp_path):
     assert moved > 1e-2 and fixed < moved / 20
 
 
+def test_norm_rescale_from_activation_scores_undoes_it(hf, tmp_path):
+    """The same zeroed channels found by activation importance: they carry no energy into any
+    norm, so the plan's norm factors are exactly sqrt(h/h') and the prune keeps the function
+    up to RMSNorm's eps; with --no-norm-rescale the logits move as above."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_prune.prune.importance_hf import activation_scores
+    cfg = _cfg(hf)
+    gone = list(range(0, 64, 4))  # 16 of 64 channels
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, gone] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[gone, :] = 0
+            layer.mlp.down_proj.weight[gone, :] = 0
+    model.save_pretrained(tmp_path / "zeroed")
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = activation_scores(model.eval(), ids, cfg, progress=False)
+    assert scores.meta["norm_energy"].shape == (2 * cfg.num_layers + 1, 64)
+    assert (scores.meta["norm_energy"][:, gone] == 0).all()
+    scores.save(tmp_path / "act.pt")
+    out = {}
+    for name, flags in (("rescaled", []), ("plain", ["--no-norm-rescale"])):
+        assert main(["prune-hf", "--hf-dir", str(tmp_path / "zeroed"), "--save",
+                     str(tmp_path / name), "--scores", str(tmp_path / "act.pt"),
+                     "--hidden-size-remain", "48", *flags]) == 0
+        plan = PrunePlan.load(tmp_path / name / PLAN_FILE)
+        assert sorted(set(range(64)) - set(plan.keep_hidden)) == gone
+        pruned = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            out[name] = (pruned(ids).logits - model(ids).logits).abs().max().item()
+        out[name + "_plan"] = plan
+    factors = torch.tensor(out["rescaled_plan"].norm_scale["layers"] +
+                           [[out["rescaled_plan"].norm_scale["final"]] * 2])
+    assert torch.allclose(factors, torch.full_like(factors, (64 / 48) ** 0.5), rtol=1e-6)
+    assert out["plain_plan"].norm_scale is None
+    print(f"max logit change: rescaled {out['rescaled']:.3e}, plain {out['plain']:.3e}")
+    assert out["plain"] > 1e-2 and out["rescaled"] < out["plain"] / 20
+
+
 def test_prune_hf_script_and_seed_names(hf, tmp_path):
     import subprocess
     import sys

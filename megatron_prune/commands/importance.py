@@ -84,7 +84,8 @@ def add_parsers(sub) -> None:
         "importance", help="importance scores on calibration data (for prune --scores)",
         description="Compute importance scores of hidden channels, attention heads, KV groups,\n"
                     "FFN neurons and layers. activation: Minitron-style activation norms (forward\n"
-                    "only); taylor: |w * dL/dw| per structure; magnitude: weight norms (no data);\n"
+                    "only); taylor: |w * dL/dw| per structure; auto (default): both, prune picks\n"
+                    "per dimension by calibration loss; magnitude: weight norms (no data);\n"
                     "random: seeded random scores. Runs on CUDA when available.\n\n"
                     "Backends (--backend): hf runs a transformers model built from any source in\n"
                     "one process; megatron runs a megatron-core GPTModel from a legacy Megatron\n"
@@ -103,8 +104,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", nargs="+", help="calibration text: .txt files or .jsonl (--json-key)")
     p.add_argument("--json-key", default="text")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--importance", choices=("activation", "taylor", "magnitude", "random"),
-                   default="activation")
+    p.add_argument("--importance", choices=("auto", "activation", "taylor", "magnitude", "random"),
+                   default="auto",
+                   help="auto (default): activation and taylor both, and the calibration "
+                        "sequences; prune then takes each dimension's criterion (and the layer "
+                        "method) that gives the lower calibration loss for its target")
     p.add_argument("--layer-loss", action="store_true",
                    help="also measure the calibration loss with each layer skipped (one more "
                         "forward pass over the data per layer), for prune --layer-method "

@@ -7,10 +7,10 @@ import json
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.megatron import megatron_lm_hint
 from megatron_prune.prune.apply import PLAN_FILE, SizeSearch, prune_hf, prune_megatron
-from megatron_prune.prune.plan import LAYER_METHODS, PRUNE_TYPES, PruneTarget
+from megatron_prune.prune.plan import AUTO_LAYER_METHOD, LAYER_METHODS, PRUNE_TYPES, PruneTarget
 from megatron_prune.prune.search import Budget, SearchLimits, parse_size, table
 
-IMPORTANCE = ("random", "magnitude", "activation", "taylor")
+IMPORTANCE = ("random", "magnitude", "activation", "taylor", "auto")
 
 
 def layer_list(text: str) -> list:
@@ -32,16 +32,24 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layer indices to remove, e.g. 7,13")
     g.add_argument("--num-layers-remain", "--num_layers_remain", type=int, dest="num_layers",
                    help="keep this many layers, chosen by layer importance")
-    g.add_argument("--layer-method", choices=LAYER_METHODS, default="block-influence",
+    g.add_argument("--layer-method", choices=(AUTO_LAYER_METHOD,) + LAYER_METHODS,
+                   default=AUTO_LAYER_METHOD,
                    help="with --num-layers-remain: drop the layers of lowest Block Influence "
                         "(1 - cos(in, out)), the contiguous block with least angular distance, "
                         "or the layers whose skipping raises the calibration loss least "
-                        "(perplexity: needs scores from importance --layer-loss)")
+                        "(perplexity: needs scores from importance --layer-loss). auto "
+                        "(default): with auto scores the one of lowest calibration loss, "
+                        "else block-influence")
+    g.add_argument("--no-norm-rescale", dest="rescale_norms", action="store_false",
+                   help="copy the kept norm weights as they are. By default, when hidden "
+                        "channels are pruned with activation scores, each norm weight is scaled "
+                        "by rms(kept channels) / rms(all) of its calibration input, so the "
+                        "norm's output keeps its scale (the plan records the factors)")
     add_size_args(p)
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
                    help="random: seeded random masks; magnitude: weight norms (no data); "
-                        "activation/taylor: need --scores from `megatron-prune importance`")
+                        "activation/taylor/auto: need --scores from `megatron-prune importance`")
     g.add_argument("--scores", help="scores file from `megatron-prune importance`")
     g.add_argument("--prune-type", "--prune_type", choices=PRUNE_TYPES, default="balance",
                    dest="prune_type",
@@ -122,7 +130,7 @@ def target_from(a) -> PruneTarget:
     return PruneTarget(hidden_size=a.hidden, num_attention_heads=a.heads,
                        num_query_groups=a.groups, ffn_hidden_size=a.ffn,
                        drop_layers=a.drop_layers, num_layers=a.num_layers,
-                       layer_method=a.layer_method)
+                       layer_method=a.layer_method, rescale_norms=a.rescale_norms)
 
 
 def _run_prune(a) -> int:
@@ -199,7 +207,7 @@ CONFIG_KEYS = {
     "drop_layers": "drop_layers", "num_layers_remain": "num_layers",
     "layer_method": "layer_method", "importance": "importance", "scores": "scores",
     "prune_type": "prune_type", "seed": "seed", "plan": "plan",
-    "tensor_model_parallel_size": "tp",
+    "tensor_model_parallel_size": "tp", "rescale_norms": "rescale_norms",
 }
 
 
@@ -212,8 +220,9 @@ def namespace_from_config(path) -> argparse.Namespace:
     if unknown:
         raise ConfigError(f"prune config {path}: unknown keys {unknown}; known: {sorted(CONFIG_KEYS)}")
     a = argparse.Namespace(hidden=None, heads=None, groups=None, ffn=None, drop_layers=None,
-                           num_layers=None, layer_method="block-influence", importance="random",
-                           scores=None, prune_type="balance", seed=1234, plan=None, tp=1)
+                           num_layers=None, layer_method=AUTO_LAYER_METHOD, importance="random",
+                           scores=None, prune_type="balance", seed=1234, plan=None, tp=1,
+                           rescale_norms=True)
     for k, v in cfg.items():
         setattr(a, CONFIG_KEYS[k], layer_list(v) if k == "drop_layers" and isinstance(v, str) else v)
     return a

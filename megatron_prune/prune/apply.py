@@ -22,6 +22,7 @@ from megatron_prune.checkpoint.convert import HFSource, open_source, write_hf, w
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
 from megatron_prune.checkpoint.hf_model import hf_model_from_source
+from megatron_prune.prune.choose import calibration_rows, choose
 from megatron_prune.prune.importance_hf import mean_loss
 from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
@@ -29,6 +30,7 @@ from megatron_prune.prune.search import Budget, SearchLimits, search
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "prune_plan.json"
+NORM_KEYS = ("input_norm", "mlp_norm", "final_norm")  # plan.norm_scale's order within a layer
 
 
 class PrunedSource:
@@ -69,7 +71,16 @@ class PrunedSource:
         for d, ix in enumerate(idx):
             if ix is not None and d < t.dim():
                 t = t.index_select(d, ix)
-        return t
+        return self._rescaled(t, spec.key, layer)
+
+    def _rescaled(self, t: torch.Tensor, key: str, layer: Optional[int]) -> torch.Tensor:
+        """A kept norm weight times its plan.norm_scale factor (computed in fp32)."""
+        scale = self.plan.norm_scale
+        if scale is None or key not in NORM_KEYS:
+            return t
+        f = scale["final"] if key == "final_norm" else \
+            scale["layers"][layer][NORM_KEYS.index(key)]
+        return (t.float() * f).to(t.dtype)
 
     def group(self, spec, layer) -> dict:
         return {n: self.get(n) for n in spec.hf_names(layer)}
@@ -112,13 +123,17 @@ def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_ty
         return plan
     scores = compute_scores(source, cfg, importance, scores_file, seed)
     if size is not None:
-        return plan_for_budget(source, size, scores, target.layer_method, prune_type, tp, pp, seed)
+        return plan_for_budget(source, size, scores, target, prune_type, tp, pp, seed)
+    if scores.method == "auto":
+        loss_of = _calibration_loss(source, calibration_rows(scores), 4)
+        return choose(cfg, target, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
     return make_plan(cfg, target, scores, prune_type=prune_type, tp=tp, seed=seed)
 
 
-def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, layer_method: str,
+def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: PruneTarget,
                     prune_type: str, tp: int, pp: int, seed: int) -> PrunePlan:
-    """The search's winner as a plan; the whole search is recorded in plan.meta["search"]."""
+    """The search's winner as a plan; the whole search is recorded in plan.meta["search"].
+    `how` gives the layer method and norm rescaling (its shape fields are not used)."""
     cfg = source.config
     limits = size.limits
     if scores.layers is None and limits.max_depth_prune > 0:
@@ -126,21 +141,28 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, layer_me
         limits = dataclasses.replace(limits, max_depth_prune=0.0)
     if size.batches is None:
         log.warning("no search data: candidates are ranked by the importance they keep only")
-    loss_of = None if size.batches is None else _calibration_loss(source, size)
+    if size.batches is None and scores.method == "auto":
+        size = dataclasses.replace(size, batches=calibration_rows(scores))
+    loss_of = None if size.batches is None else \
+        _calibration_loss(source, size.batches, size.micro_batch)
     result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
-                    prune_type=prune_type, layer_method=layer_method)
-    plan = make_plan(cfg, result.winner.target(layer_method), scores, prune_type=prune_type,
-                     tp=tp, seed=seed)
+                    prune_type=prune_type, layer_method=how.layer_method,
+                    rescale_norms=how.rescale_norms)
+    winner = result.winner.target(how.layer_method, how.rescale_norms)
+    if scores.method == "auto" and loss_of is not None:
+        plan = choose(cfg, winner, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
+    else:
+        plan = make_plan(cfg, winner, scores, prune_type=prune_type, tp=tp, seed=seed)
     plan.meta["search"] = result.as_dict()
     return plan
 
 
-def _calibration_loss(source, size: SizeSearch):
+def _calibration_loss(source, batches: torch.Tensor, micro_batch: int):
     """plan -> the mean LM loss of the source pruned by it (built in memory) on the batches."""
     def loss_of(plan: PrunePlan) -> float:
         model = hf_model_from_source(PrunedSource(source, plan))
         with torch.inference_mode():
-            return mean_loss(model, size.batches, size.micro_batch)
+            return mean_loss(model, batches, micro_batch)
     return loss_of
 
 

@@ -8,7 +8,9 @@ activation — forward passes only, hooks on the model:
   * each per-token statistic is averaged over the sequence, then aggregated as the L2 norm over
     the calibration samples;
   * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
-    distance between every pair of layer boundaries (for dropping a contiguous block).
+    distance between every pair of layer boundaries (for dropping a contiguous block);
+  * norm energy: sum(x^2) per channel of every norm's input (meta["norm_energy"]), from which a
+    plan that prunes hidden channels rescales each norm (see plan.norm_scales).
 layer loss (`layer_losses`, optional beside either method) — the calibration LM loss with each
   layer skipped in turn (its output replaced by its input): one forward pass over the data per
   layer. The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
@@ -31,7 +33,7 @@ from megatron_prune.checkpoint.hf_model import hf_model_from_source
 from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
 
 log = logging.getLogger(__name__)
-METHODS = ("activation", "taylor")
+METHODS = ("activation", "taylor", "auto")  # auto: both, combined by prune/choose.py
 
 
 class _Stats:
@@ -99,7 +101,9 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
     bi = torch.zeros(L, dtype=torch.float64, device=device)
     ang = torch.zeros(L + 1, L + 1, dtype=torch.float64, device=device)
     ntok = 0
-    hooks = []
+    energy = torch.zeros(2 * L + 1, cfg.hidden_size, dtype=torch.float64, device=device)
+    hooks = [norm.register_forward_pre_hook(norm_energy_hook(energy[row]))
+             for row, norm in enumerate(_norms_in_order(model))]
     for i, layer in enumerate(model.model.layers):
         hooks.append(layer.input_layernorm.register_forward_hook(
             lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
@@ -138,7 +142,25 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
         "activation", shape_of(cfg), hidden=stats.l2(("hidden",)), heads=heads,
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=torch.stack([stats.l2(("ffn", i)) for i in range(L)]), layers=bi / ntok,
-        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1]})
+        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],
+              "norm_energy": energy.cpu()})
+
+
+def norm_energy_hook(row: torch.Tensor):
+    """Forward pre-hook adding sum(x^2) per hidden channel of a norm's input to `row` (fp64):
+    how much of the input's RMS each channel carries, for rescaling the norm after hidden
+    channels are pruned (plan.norm_scale). Returns None: a value would replace the input."""
+    def hook(m, args):
+        x = args[0]
+        row.add_(torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), 2, dim=0,
+                                          dtype=torch.float32).double() ** 2)
+    return hook
+
+
+def _norms_in_order(model) -> list:
+    """input and post-attention norm of every layer, then the final norm (norm_energy's rows)."""
+    return [n for layer in model.model.layers
+            for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
 
 
 def taylor_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batch: int = 4,
@@ -209,8 +231,13 @@ def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: 
         raise ConfigError(f"calibration token id {int(batches.max())} >= model vocab {vocab}: "
                           "tokenizer and model do not match")
     model = hf_model_from_source(source, device=device)
-    fn = activation_scores if method == "activation" else taylor_scores
-    scores = fn(model, batches, source.config, micro_batch)
+    if method == "auto":
+        from megatron_prune.prune.choose import combine
+        act = activation_scores(model.eval(), batches, source.config, micro_batch)
+        scores = combine(act, taylor_scores(model, batches, source.config, micro_batch), batches)
+    else:
+        fn = activation_scores if method == "activation" else taylor_scores
+        scores = fn(model, batches, source.config, micro_batch)
     if layer_loss:
         scores.meta.update(layer_losses(model.eval(), batches, micro_batch))
     return scores

@@ -52,10 +52,12 @@ from megatron_prune.mcore.load import load_legacy_into_model
 from megatron_prune.mcore.model import build_gpt_model
 from megatron_prune.mcore.parallel import (destroy_distributed, init_distributed,
                                            launched_world_size, pipeline_forward, resolve_parallel)
+from megatron_prune.prune.choose import combine
+from megatron_prune.prune.importance_hf import norm_energy_hook
 from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
 
 log = logging.getLogger(__name__)
-METHODS = ("activation", "taylor")
+METHODS = ("activation", "taylor", "auto")
 
 
 def _check_batches(batches: torch.Tensor, cfg: ModelConfig) -> None:
@@ -126,6 +128,7 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
     bi = torch.zeros(L, dtype=f64, device=dev)
     ang = torch.zeros(L + 1, L + 1, dtype=f64, device=dev)
     ntok = torch.zeros((), dtype=f64, device=dev)
+    energy = torch.zeros(2 * L + 1, cfg.hidden_size, dtype=f64, device=dev)  # norm inputs
 
     def sq_of_seq_mean(per_token):
         # [seq, batch, n] -> sum over the batch of (mean over the sequence)^2: [n]
@@ -161,9 +164,17 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
         g = run.start + j
         hooks.append(layer.input_layernorm.register_forward_hook(norm_hook))
         hooks.append(layer.pre_mlp_layernorm.register_forward_hook(norm_hook))
+        if run.tp_rank == 0:  # norms are replicated over TP: count them once
+            hooks.append(layer.input_layernorm.register_forward_pre_hook(
+                norm_energy_hook(energy[2 * g])))
+            hooks.append(layer.pre_mlp_layernorm.register_forward_pre_hook(
+                norm_energy_hook(energy[2 * g + 1])))
         hooks.append(layer.self_attention.linear_proj.register_forward_pre_hook(heads_hook(g)))
         hooks.append(layer.mlp.linear_fc2.register_forward_pre_hook(ffn_hook(g)))
         hooks.append(layer.register_forward_hook(output_hook(g)))
+    final_norm = getattr(run.model.decoder, "final_layernorm", None)  # last stage only
+    if final_norm is not None and run.tp_rank == 0:
+        hooks.append(final_norm.register_forward_pre_hook(norm_energy_hook(energy[2 * L])))
     if run.pp_rank == 0:
         def first_input(m, args, kwargs):
             boundary[0] = (args[0] if args else kwargs["hidden_states"]).detach()
@@ -218,7 +229,7 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
     finally:
         for hk in hooks:
             hk.remove()
-    run.all_reduce(hidden_sq, heads_sq, ffn_sq, bi, ang, ntok)
+    run.all_reduce(hidden_sq, heads_sq, ffn_sq, bi, ang, ntok, energy)
     if dist.get_rank() != 0:
         return None
     n = ntok.item()
@@ -228,7 +239,8 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
         "activation", shape_of(cfg), hidden=hidden_sq.sqrt().cpu(), heads=heads,
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=ffn_sq.sqrt().cpu(), layers=(bi / n).cpu(),
-        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1]})
+        meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],
+              "norm_energy": energy.cpu()})
 
 
 # ============================================================================ taylor
@@ -448,12 +460,16 @@ def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_
     own_mp = not parallel_state.model_parallel_is_initialized()
     try:
         run = _Run(load, tp, pp, first, last, dtype, seed)
-        if method == "activation":
+        if method in ("activation", "auto"):
             run.model.eval()
             scores = _activation(run, batches, micro_batch, progress)
-        else:
+        if method in ("taylor", "auto"):
             run.model.train()  # no dropout in these models; grads flow the same either way
-            scores = _taylor(run, batches, micro_batch, progress)
+            tay = _taylor(run, batches, micro_batch, progress)
+            if method == "taylor" or tay is None:  # tay is None off global rank 0
+                scores = tay
+            else:
+                scores = combine(scores, tay, batches)
         if layer_loss:
             losses = _layer_losses(run, batches, micro_batch, progress)
             if scores is not None:

@@ -198,12 +198,12 @@ class Candidate:
     proxy: float
     loss: Optional[float] = None
 
-    def target(self, layer_method: str) -> PruneTarget:
+    def target(self, layer_method: str, rescale_norms: bool = True) -> PruneTarget:
         return PruneTarget(hidden_size=self.hidden_size,
                            num_attention_heads=self.num_attention_heads,
                            num_query_groups=self.num_query_groups,
                            ffn_hidden_size=self.ffn_hidden_size, num_layers=self.num_layers,
-                           layer_method=layer_method)
+                           layer_method=layer_method, rescale_norms=rescale_norms)
 
 
 @dataclass
@@ -232,7 +232,7 @@ def rank_candidates(cfg: ModelConfig, shapes: list, scores: ImportanceScores,
 def search(cfg: ModelConfig, scores: ImportanceScores, budget: Budget, limits: SearchLimits,
            loss_of: Optional[Callable[[PrunePlan], float]], *, tp: int = 1, pp: int = 1,
            prune_type: str = "balance", layer_method: str = "block-influence",
-           progress: bool = True) -> SearchResult:
+           rescale_norms: bool = True, progress: bool = True) -> SearchResult:
     """The shapes that fit, the `limits.keep` best by proxy, each scored by `loss_of(plan)`
     (None: by proxy alone, as --dry-run does)."""
     shapes = enumerate_shapes(cfg, budget, limits, tp, pp)
@@ -241,7 +241,7 @@ def search(cfg: ModelConfig, scores: ImportanceScores, budget: Budget, limits: S
     cands = ranked[:limits.keep]
     if loss_of is not None:
         for c in tqdm(cands, desc="scoring candidates", unit="shape", disable=not progress):
-            c.loss = loss_of(make_plan(cfg, c.target(layer_method), scores,
+            c.loss = loss_of(make_plan(cfg, c.target(layer_method, rescale_norms), scores,
                                        prune_type=prune_type, tp=tp))
         cands.sort(key=lambda c: (c.loss, -c.proxy))
     return SearchResult(budget=asdict(budget), limits=asdict(limits), shapes=len(shapes),
