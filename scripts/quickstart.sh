@@ -38,7 +38,7 @@ step "calibration text sampled from the model, then activation importance"
 megatron-prune generate --model "$OUT/hf" --num-samples 64 --max-new-tokens 256 --temperature 1.0 \
   --seed 0 --save "$OUT/calibration.jsonl"
 megatron-prune importance --load "$OUT/tp2pp2" --data "$OUT/calibration.jsonl" \
-  --samples 64 --seq-length 128 --save "$OUT/scores.pt"
+  --importance activation --samples 64 --seq-length 128 --save "$OUT/scores.pt"
 
 step "prune 50% of attention heads (8 -> 4, 1 per KV group) and FFN (172 -> 86) on the TP2·PP2 shards"
 megatron-prune prune --load "$OUT/tp2pp2" --save "$OUT/pruned_tp2pp2" \

@@ -146,6 +146,10 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
                 if s is not None:
                     s.save({str(tmp_path)!r} + f"/{{method}}_tp{{tp}}pp{{pp}}.pt")
                     print("DP", s.meta["dp"])
+        s = compute_importance_megatron({str(tmp_path / "pp2")!r}, "auto", x, 2, tp=2, pp=1,
+                                        progress=False)
+        if s is not None:
+            s.save({str(tmp_path)!r} + "/auto.pt")
     """))
     proc = subprocess.run(TORCHRUN + [str(script)], capture_output=True, text=True, timeout=300,
                           env=ENV)
@@ -161,6 +165,12 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
             got = ImportanceScores.load(tmp_path / f"{method}_tp{tp}pp{pp}.pt")
             assert (got.meta["tp"], got.meta["pp"], got.meta["dp"]) == (tp, pp, 2 // (tp * pp))
             assert_same(got, want[method], rtol, angular=method == "activation")
+    auto = ImportanceScores.load(tmp_path / "auto.pt")  # activation's fields, taylor's in meta
+    assert auto.method == "auto" and torch.equal(auto.meta["calibration"].long(), x[:16])
+    want["activation"].meta.pop("layer_loss", None)
+    assert_same(auto, want["activation"], RTOL_ACTIVATION)
+    for field, value in auto.meta["taylor"].items():
+        assert torch.allclose(value, getattr(want["taylor"], field), rtol=RTOL_TAYLOR), field
 
 
 def test_backend_selection_errors(stories260k_hf, calib, tmp_path, monkeypatch, capsys):

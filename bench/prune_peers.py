@@ -1,0 +1,369 @@
+"""Pruning a real pretrained Llama beside NVIDIA ModelOpt's Minitron and torch-pruning (issue 31).
+
+SmolLM2-135M-Instruct (../shared/data's GGUF, dequantized: the teacher) pruned to four targets by
+our pruner with each importance method, by ModelOpt 0.35.1's `mcore_minitron` and by
+torch-pruning 1.6.1 (magnitude, Taylor), all from the same calibration tokens, then scored the
+same way. The peers run in their own environment (`--peer-python`), through the adapters in
+bench/peers/ (each adapter says why it is needed); none of them is a dependency of ours.
+
+    python bench/prune_peers.py --out /tmp/peers --peer-python /work/peervenv/bin/python
+
+1. teacher      `import-gguf` (fp32).
+2. calibration  C4-sample documents 100-199 -> 16 x 256 tokens (BOS per document), saved once
+                as a tensor every pruner reads; the same tokens choose "best" (calibration loss).
+3. prune        targets W, K, D, WD (TARGETS); ours through the CLI (`importance`, `prune-hf`),
+                the peers through bench/peers/*.py; each a subprocess timed from start to saved
+                model, with its peak RSS (wait4). Our time counts `importance` + `prune-hf`.
+4. evaluate     in this process, the same for all: held-out C4 (documents 0-49, each its first
+                2000 characters), WikiText-2 validation (`--txt-mode wikitext`, first
+                --wikitext-tokens tokens: word perplexity, bits per byte), the five held-out
+                Gutenberg books (split_holdout's last five, each its first 6,000 characters)
+                and LAMBADA (first --lambada examples); token perplexity window 512, fp32.
+                On a 2-core CPU that is minutes per model: with --no-eval this script prunes
+                only, and bench/recover_peers.py evaluates every model (and distils) on a GPU.
+5. tp3          (--tp3) ours at TP=3 on the shards (`hf-to-megatron` TP=3, `prune --prune-type
+                balance`), beside `global` at TP=1.
+Results: results.json and results.md in --out; finished steps are reused on a rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+GGUF = DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+C4 = DATA / "corpus" / "c4_sample" / "c4_en_train-00000-of-01024_first1000.jsonl"
+CLI = [sys.executable, "-m", "megatron_prune.cli"]
+
+WIDTH = dict(hidden_size=432, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=1152)
+TARGETS = {
+    "W": WIDTH,                                     # ~60% of the parameters
+    "K": {**WIDTH, "num_query_groups": 2},          # W with a KV group pruned too
+    "D": {"num_layers": 20},                        # depth only
+    "WD": {**WIDTH, "num_layers": 24},              # ~50%
+}
+FLAGS = {"hidden_size": "--hidden-size-remain", "num_attention_heads": "--num-attention-heads-remain",
+         "num_query_groups": "--num-query-groups-remain", "ffn_hidden_size": "--ffn-hidden-size-remain",
+         "num_layers": "--num-layers-remain"}
+WIDTH_METHODS = ("activation", "taylor", "magnitude", "random")
+DEFAULT = "auto"  # importance's default: activation + taylor, chosen per dimension by prune
+LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
+
+
+def timed(cmd, log: Path) -> dict:
+    """Run a command (it must succeed); its wall time and peak RSS (its own and its children's)."""
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+                         + log.read_text()[-3000:])
+    return {"wall_s": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def c4_docs(rows) -> list:
+    with open(C4, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return [docs[i] for i in rows]
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------ 1-2. teacher, data
+def prepare(out: Path) -> dict:
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.data.corpus import iter_gutenberg_archive, split_holdout
+    teacher = out / "teacher"
+    if not (teacher / "config.json").is_file():
+        timed(CLI + ["import-gguf", "--gguf", GGUF, "--save", teacher], out / "import.log")
+    d = out / "data"
+    d.mkdir(exist_ok=True)
+    calib = write_jsonl(d / "calib.jsonl", c4_docs(range(100, 200)))
+    if not (d / "calib.pt").is_file():
+        tok = load_tokenizer(teacher)
+        torch.save(calibration_batches(tok, [calib], 16, 256), d / "calib.pt")
+    if not (d / "books.jsonl").is_file():
+        books = list(iter_gutenberg_archive(DATA / "corpus" / "gutenberg_en.tar.xz"))
+        _, held = split_holdout(books, 5)
+        write_jsonl(d / "books.jsonl", [text[:6000] for _, text in held])
+    c4 = write_jsonl(d / "c4_heldout.jsonl", [t[:2000] for t in c4_docs(range(50))])
+    return {"teacher": teacher, "calib": calib, "calib_pt": d / "calib.pt", "c4": c4,
+            "books": d / "books.jsonl", "wikitext": DATA / "wikitext-2" / "valid.txt",
+            "lambada": DATA / "eval" / "lambada_openai" / "lambada_test.jsonl"}
+
+
+# ------------------------------------------------------------------------------ 3. pruning
+def target_flags(target: dict) -> list:
+    return [x for k, v in target.items() for x in (FLAGS[k], v)]
+
+
+def our_scores(out: Path, data: dict, method: str, layer_loss: bool = False) -> tuple:
+    """`importance` once per data-driven method (and once more with --layer-loss, which
+    costs a forward pass per layer, for --layer-method perplexity)."""
+    path = out / "scores" / f"{method}{'-layer-loss' if layer_loss else ''}.pt"
+    stats_file = path.with_suffix(".json")
+    if method == "activation" and layer_loss:
+        return _activation_of_auto(out, data, path)
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        extra = ["--layer-loss"] if layer_loss else []
+        stats = timed(CLI + ["importance", "--hf-dir", data["teacher"], "--data", data["calib"],
+                             "--importance", method, "--samples", 16, "--seq-length", 256,
+                             "--save", path, "--force", *extra], path.with_suffix(".log"))
+        stats_file.write_text(json.dumps(stats))
+    return path, json.loads(stats_file.read_text())
+
+
+def _activation_of_auto(out: Path, data: dict, path: Path) -> tuple:
+    """activation + --layer-loss scores without a second run: auto scores carry exactly those
+    fields and meta (same data, same code); their cost is the auto run's (an overestimate)."""
+    from megatron_prune.prune.scores import ImportanceScores
+    auto, stats = our_scores(out, data, DEFAULT, layer_loss=True)
+    if not path.is_file():
+        s = ImportanceScores.load(auto)
+        meta = {k: v for k, v in s.meta.items() if k not in ("taylor", "calibration")}
+        ImportanceScores("activation", s.shape, hidden=s.hidden, heads=s.heads, groups=s.groups,
+                         ffn=s.ffn, layers=s.layers, meta=meta).save(path)
+    return path, stats
+
+
+def run_ours(out: Path, data: dict, tname: str, method: str, layer_method: str) -> dict:
+    """Our prune of the teacher to target `tname`: `method` for width, `layer_method` for depth."""
+    target = TARGETS[tname]
+    tag = f"ours-{method}" + (f"-{layer_method}" if "num_layers" in target else "")
+    save = out / "models" / tname / tag
+    flags = target_flags(target)
+    if "num_layers" in target:
+        flags += ["--layer-method", layer_method]
+    if method in ("activation", "taylor", DEFAULT):
+        scores, score_stats = our_scores(out, data, method,
+                                         layer_method == "perplexity" or method == DEFAULT)
+        flags += ["--scores", scores]
+    else:  # data-free: magnitude (width only) and random (random layers too)
+        score_stats = {"wall_s": 0.0, "peak_rss_mb": 0}
+    return _pruned(save, tag, lambda: CLI + [
+        "prune-hf", "--hf-dir", data["teacher"], "--save", save, "--force",
+        "--importance", method, "--prune-type", "global", *flags], score_stats)
+
+
+def run_peer(out: Path, data: dict, peer_python: str, tname: str, peer: str, method: str) -> dict:
+    tag = f"{peer}-{method}" if method else peer
+    save = out / "models" / tname / tag
+    script = ROOT / "bench" / "peers" / ("tp_prune.py" if peer == "torch-pruning" else
+                                         "minitron_prune.py")
+    extra = ["--method", method] if method else ["--no-checks"]  # checks are not pruning time
+    return _pruned(save, tag, lambda: [peer_python, script, "--hf-dir", data["teacher"],
+                                       "--calib", data["calib_pt"], "--save", save, "--target",
+                                       json.dumps(TARGETS[tname]), "--stats",
+                                       save.parent / f"{tag}.peer.json", *extra])
+
+
+def _pruned(save: Path, tag: str, command, before=None) -> dict:
+    """Prune (unless a finished model is there) and record the system's cost."""
+    stats_file = save.parent / f"{tag}.cost.json"
+    if not stats_file.is_file():
+        save.parent.mkdir(parents=True, exist_ok=True)
+        stats = timed(command(), save.parent / f"{tag}.log")
+        if before:  # importance is part of our end-to-end cost
+            stats = {"wall_s": round(stats["wall_s"] + before["wall_s"], 2),
+                     "peak_rss_mb": max(stats["peak_rss_mb"], before["peak_rss_mb"]),
+                     "prune_wall_s": stats["wall_s"]}
+        stats_file.write_text(json.dumps(stats))
+    return {"system": tag, "dir": str(save), **json.loads(stats_file.read_text())}
+
+
+def tp3_prune(out: Path, data: dict, tname: str) -> dict:
+    """Ours on TP=3 shards, `balance` (each rank keeps its own best), activation scores."""
+    meg = out / "teacher_tp3"
+    if not (meg / "latest_checkpointed_iteration.txt").is_file():
+        timed(CLI + ["hf-to-megatron", "--hf-dir", data["teacher"], "--save", meg,
+                     "--tensor-model-parallel-size", 3], out / "tp3.log")
+    scores, st = our_scores(out, data, "activation")
+    target = TARGETS[tname]
+    save = out / "models" / tname / "ours-activation-tp3-balance"
+    flags = target_flags(target) + (["--layer-method", "block-influence"]
+                                    if "num_layers" in target else [])
+    row = _pruned(save, "ours-activation-tp3-balance", lambda: CLI + [
+        "prune", "--load", meg, "--save", save, "--force", "--importance", "activation",
+        "--scores", scores, "--prune-type", "balance", *flags], st)
+    hf = save.parent / "ours-activation-tp3-balance-hf"
+    if not (hf / "config.json").is_file():
+        timed(CLI + ["megatron-to-hf", "--load", save, "--save", hf, "--force"],
+              save.parent / "tp3-export.log")
+    return {**row, "dir": str(hf), "plan": str(save / "prune_plan.json")}
+
+
+def speed(out: Path, data: dict, peer_python: str, reps: int) -> dict:
+    """Wall time and peak RSS from loading to a saved model at target W, one system after the
+    other on an otherwise idle machine (the prune runs above overlap when the harness runs
+    targets side by side): ours with activation (the criterion Minitron uses) and with auto
+    (importance without --layer-loss, W drops no layer), Minitron."""
+    d = out / "speed"
+    d.mkdir(exist_ok=True)
+    flags = target_flags(TARGETS["W"])
+    runs = {"ours-activation": [], "ours-auto": [], "minitron": []}
+    for rep in range(reps):
+        for method in ("activation", DEFAULT):
+            a = timed(CLI + ["importance", "--hf-dir", data["teacher"], "--data", data["calib"],
+                             "--importance", method, "--samples", 16, "--seq-length", 256,
+                             "--save", d / f"{method}.pt", "--force"], d / f"{method}.log")
+            b = timed(CLI + ["prune-hf", "--hf-dir", data["teacher"], "--save", d / method,
+                             "--force", "--scores", d / f"{method}.pt", "--prune-type", "global",
+                             *flags], d / f"{method}-prune.log")
+            runs[f"ours-{method}"].append({"wall_s": round(a["wall_s"] + b["wall_s"], 2),
+                                           "importance_s": a["wall_s"], "prune_s": b["wall_s"],
+                                           "peak_rss_mb": max(a["peak_rss_mb"],
+                                                              b["peak_rss_mb"])})
+        runs["minitron"].append(timed([peer_python, ROOT / "bench" / "peers" / "minitron_prune.py",
+                                       "--hf-dir", data["teacher"], "--calib", data["calib_pt"],
+                                       "--save", d / "minitron", "--target",
+                                       json.dumps(TARGETS["W"]), "--stats", d / "minitron.json",
+                                       "--no-checks"], d / "minitron.log"))
+    (out / "speed.json").write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+# ---------------------------------------------------------------------------- 4. evaluation
+def evaluate(model_dir: str, data: dict, args) -> dict:
+    """Every evaluation set on one model (cached next to it as eval.json)."""
+    cache = Path(model_dir) / "eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
+    from megatron_prune.eval import evaluate as ev
+    from megatron_prune.eval.text import read_documents
+    from megatron_prune.prune.importance_hf import mean_loss
+    model = load_hf_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(data["teacher"])  # every pruned model keeps the teacher's vocabulary
+    res = {"params": sum(p.numel() for p in model.parameters()),
+           "calib_loss": mean_loss(model, torch.load(data["calib_pt"]), 4)}
+    for name, files, mode, cap in (("c4", [data["c4"]], "document", None),
+                                   ("wikitext", [data["wikitext"]], "wikitext", args.wikitext_tokens),
+                                   ("books", [data["books"]], "document", None)):
+        r = ev.perplexity(model, tok, read_documents(files, "text", mode), 512, 8, cap)
+        res[name] = {"ppl": r.value, "word_ppl": r.extra["word_perplexity"],
+                     "bpb": r.extra["bits_per_byte"], "tokens": r.count}
+    res["lambada"] = ev.lambada(model, tok, [data["lambada"]], args.lambada).value
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ------------------------------------------------------------------------------- 5. report
+def systems_for(tname: str, args) -> list:
+    """(kind, method, layer method) of every system run at a target."""
+    depth = "num_layers" in TARGETS[tname]
+    width = any(k != "num_layers" for k in TARGETS[tname])
+    rows = [("ours", DEFAULT, DEFAULT if depth else None)]
+    if depth:
+        rows += [("ours", "activation", lm) for lm in LAYER_METHODS]
+        if not width:
+            rows.append(("ours", "random", "block-influence"))
+    else:
+        rows += [("ours", m, None) for m in WIDTH_METHODS]
+        if args.peer_python:
+            rows += [("torch-pruning", m, None) for m in ("magnitude", "taylor")]
+    if args.peer_python:
+        rows.append(("minitron", None, None))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"SmolLM2-135M-Instruct, {results['date']}, {results['machine']}, "
+             f"commit {results['commit']}", ""]
+    head = ("| target | system | params | calib loss | C4 ppl | WikiText-2 word ppl | "
+            "WikiText-2 bpb | books ppl | LAMBADA | wall s | peak RSS MB |")
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in results["rows"]:
+        e = r["eval"]
+        lines.append(f"| {r['target']} | {r['system']} | {e['params'] / 1e6:.1f}M | "
+                     f"{e['calib_loss']:.3f} | {e['c4']['ppl']:.2f} | {e['wikitext']['word_ppl']:.2f} | "
+                     f"{e['wikitext']['bpb']:.3f} | {e['books']['ppl']:.2f} | {e['lambada']:.3f} | "
+                     f"{r.get('wall_s', '')} | {r.get('peak_rss_mb', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--peer-python", help="python of the environment holding nvidia-modelopt "
+                   "0.35.1, torchprofile and torch-pruning 1.6.1 (omit: ours only)")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--tp3", action="store_true", help="also ours with balance at TP=3")
+    p.add_argument("--wikitext-tokens", type=int, default=20000)
+    p.add_argument("--lambada", type=int, default=300, help="LAMBADA examples scored")
+    p.add_argument("--no-eval", action="store_true", help="prune only")
+    p.add_argument("--speed", type=int, default=0, metavar="REPS",
+                   help="only time ours and Minitron at W, REPS times each, one at a time")
+    p.add_argument("--results", default="results.json",
+                   help="results file in --out (runs of other targets may share --out)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    data = prepare(args.out)
+    if args.speed:
+        print(json.dumps(speed(args.out, data, args.peer_python, args.speed), indent=1))
+        return 0
+    results = {"date": str(date.today()), "machine": f"{platform.machine()}, "
+               f"{os.cpu_count()} cores, torch {torch.__version__}",
+               "commit": os.environ.get("BENCH_COMMIT") or _git_commit(),
+               "command": " ".join(sys.argv), "rows": _earlier_rows(args.out / args.results)}
+    results["teacher"] = None if args.no_eval else evaluate(str(data["teacher"]), data, args)
+    for tname in args.targets:
+        for kind, method, lm in systems_for(tname, args):
+            if kind == "ours":
+                row = run_ours(args.out, data, tname, method, lm)
+            else:
+                row = run_peer(args.out, data, args.peer_python, tname, kind, method)
+            _record(results, row, tname, data, args)
+        if args.tp3:
+            _record(results, tp3_prune(args.out, data, tname), tname, data, args)
+    return 0
+
+
+def _earlier_rows(f: Path) -> list:
+    """Rows of an earlier run into the same results file (other targets), so runs add up."""
+    return json.loads(f.read_text())["rows"] if f.is_file() else []
+
+
+def _record(results: dict, row: dict, tname: str, data: dict, args) -> None:
+    row["target"] = tname
+    if not args.no_eval:
+        row["eval"] = evaluate(row["dir"], data, args)
+    results["rows"] = [r for r in results["rows"]
+                       if (r["target"], r["system"]) != (tname, row["system"])] + [row]
+    print(json.dumps({k: v for k, v in row.items() if k != "dir"}), flush=True)
+    (args.out / args.results).write_text(json.dumps(results, indent=1))
+    if not args.no_eval:
+        (args.out / Path(args.results).with_suffix(".md")).write_text(markdown(results))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Evaluation and recovery of bench/prune_peers.py's models on a GPU (issue 31).
+
+prune_peers.py prunes on the CPU, where each system's cost is measured; scoring ~30 models on
+four evaluation sets takes minutes per model there, and distillation far longer. A device call
+carries 64 MiB: the SmolLM2 GGUF is 94 MiB and a student ~270 MB in bf16. So no weights travel:
+
+* `--pack` (here) writes --devdata: the GGUF in two parts (`part1/`, carried by a first call and
+  left on the machine, then `part2/`), every pruned model as a prune plan of the teacher (ours
+  as prune-hf saved it; a peer's found by bench/peers/as_plan.py, which checks that the plan
+  rebuilds its weights exactly), the evaluation sets and the training text (xz);
+* `--stage eval` (GPU) rebuilds the teacher (`import-gguf`) and every model (`prune-hf --plan`)
+  and scores each with prune_peers.evaluate: calibration loss, held-out C4, WikiText-2 (the whole
+  validation set), the five held-out books, LAMBADA;
+* `--stage recover` (GPU) takes each system's WD model of lowest calibration loss (never an
+  evaluation set), distils it from the teacher with `python -m megatron_prune.train --teacher`
+  (same data, order, tokens and schedule for all), exports and scores it again.
+Work goes to --work (keep it inside the repo, ignored, so a second call on the warm machine finds
+it); results to gpu_eval.json and gpu_recover.json in --out and --work.
+
+    python bench/prune_peers_gpu.py --pack --bench /work/bench_peers --devdata .devdata
+    python bench/prune_peers_gpu.py --devdata .devdata --stage eval --out $OUT        # GPU
+    python bench/prune_peers_gpu.py --devdata .devdata --stage recover --out $OUT     # GPU (6M tokens each)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import prune_peers as pp  # noqa: E402
+
+PART1_BYTES = 60 << 20
+TRAIN_TEXT_CHARS = 30_000_000  # ~7M tokens: C4-sample documents 200-999, then training books
+BOOK_CHARS = 50_000            # each held-out book's first characters scored on the GPU
+SYSTEMS = ("ours", "minitron")  # torch-pruning cannot drop layers: it has no WD model
+
+
+# -------------------------------------------------------------------------------- pack (here)
+def model_key(row: dict) -> str:
+    return f"{row['target']}__{row['system']}"
+
+
+def pack(bench: Path, dev: Path) -> None:
+    from megatron_prune.data.corpus import iter_gutenberg_archive, split_holdout
+    rows = [r for f in sorted(bench.glob("results*.json"))
+            for r in json.loads(f.read_text())["rows"]]
+    plans = dev / "part2" / "plans"
+    plans.mkdir(parents=True, exist_ok=True)
+    index = []
+    for row in rows:
+        out = plans / f"{model_key(row)}.json"
+        plan = Path(row.get("plan") or Path(row["dir"]) / "prune_plan.json")
+        if plan.is_file():  # ours
+            shutil.copy2(plan, out)
+        else:
+            pp.timed([sys.executable, ROOT / "bench" / "peers" / "as_plan.py", "--teacher",
+                      bench / "teacher", "--student", row["dir"], "--save", out],
+                     plans.parent / f"as_plan_{model_key(row)}.log")
+        index.append({k: v for k, v in row.items() if k not in ("dir", "plan")})
+    (plans / "index.json").write_text(json.dumps(index, indent=1))
+    gguf = pp.GGUF.read_bytes()
+    (dev / "part1").mkdir(exist_ok=True)
+    (dev / "part1" / "smollm2.gguf.1").write_bytes(gguf[:PART1_BYTES])
+    (dev / "part2" / "smollm2.gguf.2").write_bytes(gguf[PART1_BYTES:])
+    ev = dev / "part2" / "eval"
+    ev.mkdir(exist_ok=True)
+    for f in ("c4_heldout.jsonl", "calib.pt"):
+        shutil.copy2(bench / "data" / f, ev / f)
+    shutil.copy2(pp.DATA / "wikitext-2" / "valid.txt", ev / "valid.txt")
+    shutil.copy2(pp.DATA / "eval" / "lambada_openai" / "lambada_test.jsonl", ev / "lambada.jsonl")
+    books = list(iter_gutenberg_archive(pp.DATA / "corpus" / "gutenberg_en.tar.xz"))
+    train_books, held = split_holdout(books, 5)  # the same five prune_peers holds out
+    pp.write_jsonl(ev / "books.jsonl", [text[:BOOK_CHARS] for _, text in held])
+    texts, size = pp.c4_docs(range(200, 1000)), 0
+    size = sum(map(len, texts))
+    for _, text in train_books:
+        if size >= TRAIN_TEXT_CHARS:
+            break
+        texts.append(text)
+        size += len(text)
+    with lzma.open(dev / "part2" / "train.jsonl.xz", "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    print(f"packed {len(index)} models and {size / 1e6:.1f}M characters of training text "
+          f"into {dev}")
+
+
+# -------------------------------------------------------------------------------- GPU stages
+def cli(*args, log: Path) -> dict:
+    return pp.timed(pp.CLI + list(args), log)
+
+
+def teacher_and_data(dev: Path, work: Path) -> dict:
+    teacher = work / "teacher"
+    if not (teacher / "config.json").is_file():
+        gguf = work / "smollm2.gguf"
+        gguf.write_bytes((dev / "part1" / "smollm2.gguf.1").read_bytes()
+                         + (dev / "part2" / "smollm2.gguf.2").read_bytes())
+        cli("import-gguf", "--gguf", gguf, "--save", teacher, "--force", log=work / "import.log")
+    ev = dev / "part2" / "eval"
+    return {"teacher": teacher, "calib_pt": ev / "calib.pt", "c4": ev / "c4_heldout.jsonl",
+            "books": ev / "books.jsonl", "wikitext": ev / "valid.txt",
+            "lambada": ev / "lambada.jsonl"}
+
+
+def build(work: Path, data: dict, key: str, plan: Path) -> Path:
+    out = work / "models" / key
+    if not (out / "config.json").is_file():
+        cli("prune-hf", "--hf-dir", data["teacher"], "--save", out, "--plan", plan, "--force",
+            log=work / f"{key}.prune.log")
+    return out
+
+
+def stage_eval(args) -> None:
+    work, plans = Path(args.work), args.devdata / "part2" / "plans"
+    data = teacher_and_data(args.devdata, work)
+    start = time.perf_counter()
+    res = {"device": _device(), "commit": os.environ.get("BENCH_COMMIT", "unknown"),
+           "teacher": pp.evaluate(str(data["teacher"]), data, args), "rows": []}
+    for row in json.loads((plans / "index.json").read_text()):
+        if time.perf_counter() - start > args.budget_s:
+            res["unfinished"] = True  # the next call goes on (evaluations are cached)
+            break
+        key = model_key(row)
+        res["rows"].append({**row, "eval": pp.evaluate(str(build(work, data, key,
+                                                                 plans / f"{key}.json")),
+                                                       data, args)})
+        _write(res, "gpu_eval.json", args)
+        print(key, json.dumps(res["rows"][-1]["eval"]), flush=True)
+    _write(res, "gpu_eval.json", args)
+
+
+def stage_recover(args) -> None:
+    work, plans = Path(args.work), args.devdata / "part2" / "plans"
+    data = teacher_and_data(args.devdata, work)
+    if not (work / "train_text_document.idx").is_file():
+        with lzma.open(args.devdata / "part2" / "train.jsonl.xz", "rb") as src, \
+                open(work / "train.jsonl", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        cli("preprocess", "--input", work / "train.jsonl", "--output-prefix", work / "train",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["teacher"],
+            "--append-eod", "--workers", min(8, os.cpu_count() or 1), log=work / "preprocess.log")
+    if not (work / "teacher_meg" / "latest_checkpointed_iteration.txt").is_file():
+        cli("hf-to-megatron", "--hf-dir", data["teacher"], "--save", work / "teacher_meg",
+            "--force", log=work / "teacher_meg.log")
+    evals = {model_key(r): r["eval"] for r in json.loads(args.eval_json.read_text())["rows"]}
+    res = {"device": _device(), "commit": os.environ.get("BENCH_COMMIT", "unknown"),
+           "settings": {k: getattr(args, k) for k in ("train_tokens", "seq_length",
+                                                      "micro_batch", "global_batch", "lr")},
+           "rows": []}
+    for system in SYSTEMS:  # the WD model of lowest calibration loss, per system
+        keys = [k for k in evals if k.startswith(f"WD__{system}") and "tp3" not in k]
+        key = min(keys, key=lambda k: evals[k]["calib_loss"])
+        res["rows"].append({"system": system, "model": key, "before": evals[key],
+                            **distill(work, data, key, build(work, data, key,
+                                                             plans / f"{key}.json"), args)})
+        _write(res, "gpu_recover.json", args)
+        print(json.dumps(res["rows"][-1]), flush=True)
+
+
+def distill(work: Path, data: dict, key: str, hf: Path, args) -> dict:
+    meg, kd = work / f"{key}_meg", work / f"{key}_kd"
+    cli("hf-to-megatron", "--hf-dir", hf, "--save", meg, "--force", log=work / f"{key}_meg.log")
+    cmd = [sys.executable, "-m", "megatron_prune.train", "--pretrained-checkpoint", meg,
+           "--teacher", work / "teacher_meg", "--train-data-path", work / "train_text_document",
+           "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["teacher"],
+           "--seq-length", args.seq_length, "--micro-batch-size", args.micro_batch,
+           "--global-batch-size", args.global_batch, "--train-tokens", int(args.train_tokens),
+           "--lr", args.lr, "--min-lr", args.lr / 10, "--lr-warmup-iters", 20,
+           "--weight-decay", 0.1, "--clip-grad", 1.0, "--eval-iters", 0, "--seed", 1234,
+           "--save", kd, "--log-json", work / f"{key}_kd.jsonl"]
+    if torch.cuda.is_available():
+        cmd.append("--bf16")
+    shutil.rmtree(kd, ignore_errors=True)
+    cost = pp.timed(cmd, work / f"{key}_kd.log")
+    cli("megatron-to-hf", "--load", kd, "--save", work / f"{key}_kd_hf", "--force",
+        log=work / f"{key}_export.log")
+    return {"train": cost, "after": pp.evaluate(str(work / f"{key}_kd_hf"), data, args)}
+
+
+# -------------------------------------------------------------------------------- report
+def _cells(e: dict) -> str:
+    return (f"{e['calib_loss']:.3f} | {e['c4']['ppl']:.2f} | {e['wikitext']['word_ppl']:.2f} | "
+            f"{e['wikitext']['bpb']:.3f} | {e['books']['ppl']:.2f} | {e['lambada']:.3f}")
+
+
+EVAL_HEAD = "calib loss | C4 ppl | WikiText-2 word ppl | WikiText-2 bpb | books ppl | LAMBADA acc"
+
+
+def report(gpu: Path) -> str:
+    """Markdown tables of gpu_eval.json (with the CPU costs it carries) and gpu_recover.json."""
+    ev = json.loads((gpu / "gpu_eval.json").read_text())
+    lines = [f"Evaluated on {ev['device']} (commit {ev['commit']}).", "",
+             f"| target | system | params | {EVAL_HEAD} | prune wall s | peak RSS MB |",
+             "|---" * 12 + "|", f"| - | teacher | {ev['teacher']['params'] / 1e6:.1f}M | "
+             f"{_cells(ev['teacher'])} | | |"]
+    for r in ev["rows"]:
+        lines.append(f"| {r['target']} | {r['system']} | {r['eval']['params'] / 1e6:.1f}M | "
+                     f"{_cells(r['eval'])} | {r['wall_s']} | {r['peak_rss_mb']} |")
+    rec = gpu / "gpu_recover.json"
+    if rec.is_file():
+        rc = json.loads(rec.read_text())
+        lines += ["", f"Distillation on {rc['device']}: {json.dumps(rc['settings'])}", "",
+                  f"| system | model | when | {EVAL_HEAD} | train s |", "|---" * 10 + "|"]
+        for r in rc["rows"]:
+            lines.append(f"| {r['system']} | {r['model']} | before | {_cells(r['before'])} | |")
+            lines.append(f"| {r['system']} | {r['model']} | after | {_cells(r['after'])} | "
+                         f"{r['train']['wall_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(res: dict, name: str, args) -> None:
+    """To --out (what comes back) and --work (what the next call on the machine reads)."""
+    for d in (args.out, args.work):
+        Path(d, name).write_text(json.dumps(res, indent=1))
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--devdata", type=Path, required=True)
+    p.add_argument("--pack", action="store_true", help="write --devdata from --bench")
+    p.add_argument("--bench", type=Path, help="prune_peers.py's --out")
+    p.add_argument("--stage", choices=("eval", "recover", "report"),
+                   help="report: markdown tables of --out's gpu_eval.json / gpu_recover.json")
+    p.add_argument("--out", default=".")
+    p.add_argument("--work", default=".devwork")
+    p.add_argument("--budget-s", type=float, default=420, help="eval: start no model after")
+    p.add_argument("--eval-json", type=Path, help="recover: gpu_eval.json (default: --work's)")
+    p.add_argument("--train-tokens", type=float, default=6e6)
+    p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--wikitext-tokens", type=int, default=None, help="default: all")
+    p.add_argument("--lambada", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.pack:
+        pack(args.bench, args.devdata)
+    elif args.stage == "eval":
+        stage_eval(args)
+    elif args.stage == "recover":
+        args.eval_json = args.eval_json or Path(args.work, "gpu_eval.json")
+        stage_recover(args)
+    elif args.stage == "report":
+        print(report(Path(args.out)), end="")
+    else:
+        p.error("give --pack or --stage")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
