@@ -20,6 +20,7 @@ import logging
 from typing import Callable, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_prune.checkpoint.config import ModelConfig
 from megatron_prune.prune.plan import LAYER_METHODS, PrunePlan, PruneTarget, make_plan
@@ -73,16 +74,22 @@ def layer_methods(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) ->
 
 
 def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
-           loss_of: Callable[[PrunePlan], float], **plan_kw) -> Tuple[PrunePlan, dict]:
+           loss_of: Callable[[PrunePlan], float], progress: bool = True,
+           **plan_kw) -> Tuple[PrunePlan, dict]:
     """The plan of the best criteria found for `target` (auto scores), and the record of every
     trial: {"choice": {dimension: criterion, "layers": method}, "trials": [[what, loss]]}."""
     choice = {axis: "activation" for axis in shrunk_axes(cfg, target)}
     methods = layer_methods(cfg, target, scores)
     how = dataclasses.replace(target, layer_method=methods[0] if methods else "block-influence")
 
+    bar = tqdm(total=1 + len(choice) * (len(CRITERIA) - 1) + max(0, len(methods) - 1),
+               desc="auto importance: calibration loss", unit="trial", disable=not progress)
+
     def trial(ch: dict, t: PruneTarget) -> Tuple[PrunePlan, float]:
         plan = make_plan(cfg, t, with_choice(scores, ch), **plan_kw)
-        return plan, loss_of(plan)
+        loss = loss_of(plan)
+        bar.update()
+        return plan, loss
     best_plan, best = trial(choice, how)
     trials = [["activation" + (f", layers {how.layer_method}" if methods else ""), best]]
     for axis in list(choice):
@@ -97,6 +104,7 @@ def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
         trials.append([f"layers: {m}", loss])
         if loss < best:
             how, best_plan, best = t, plan, loss
+    bar.close()
     if methods:
         choice["layers"] = how.layer_method
     record = {"choice": choice, "loss": best, "trials": trials}
