@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--wikitext-tokens", type=int, default=20000)
     p.add_argument("--lambada", type=int, default=300, help="LAMBADA examples scored")
     p.add_argument("--no-eval", action="store_true", help="prune only")
+    p.add_argument("--systems", nargs="+", help="only systems whose name starts with one of "
+                   "these (e.g. ours-auto minitron), in this order of priority")
     p.add_argument("--speed", type=int, default=0, metavar="REPS",
                    help="only time ours and Minitron at W, REPS times each, one at a time")
     p.add_argument("--results", default="results.json",
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
                "command": " ".join(sys.argv), "rows": _earlier_rows(args.out / args.results)}
     results["teacher"] = None if args.no_eval else evaluate(str(data["teacher"]), data, args)
     for tname in args.targets:
-        for kind, method, lm in systems_for(tname, args):
+        for kind, method, lm in _wanted(systems_for(tname, args), args.systems):
             if kind == "ours":
                 row = run_ours(args.out, data, tname, method, lm)
             else:
@@ -339,6 +341,14 @@ def main(argv=None) -> int:
             # (K keeps 2 KV groups: no TP=3 checkpoint can hold it, ours refuses it)
             _record(results, tp3_prune(args.out, data, tname), tname, data, args)
     return 0
+
+
+def _wanted(systems: list, prefixes) -> list:
+    """The systems whose name starts with one of `prefixes`, in the prefixes' order."""
+    if not prefixes:
+        return systems
+    name = lambda s: "-".join(x for x in s if x)  # noqa: E731  (ours-auto-auto, minitron, ...)
+    return [s for p in prefixes for s in systems if name(s).startswith(p)]
 
 
 def _earlier_rows(f: Path) -> list:
