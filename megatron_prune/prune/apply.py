@@ -139,10 +139,10 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
     if scores.layers is None and limits.max_depth_prune > 0:
         log.warning("%s importance gives no layer scores: searching width only", scores.method)
         limits = dataclasses.replace(limits, max_depth_prune=0.0)
+    if size.batches is None and scores.method == "auto":  # auto scores carry their own
+        size = dataclasses.replace(size, batches=calibration_rows(scores))
     if size.batches is None:
         log.warning("no search data: candidates are ranked by the importance they keep only")
-    if size.batches is None and scores.method == "auto":
-        size = dataclasses.replace(size, batches=calibration_rows(scores))
     loss_of = None if size.batches is None else \
         _calibration_loss(source, size.batches, size.micro_batch)
     result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
