@@ -82,7 +82,7 @@ def pack(bench: Path, dev: Path) -> None:
     books = list(iter_gutenberg_archive(pp.DATA / "corpus" / "gutenberg_en.tar.xz"))
     train_books, held = split_holdout(books, 5)  # the same five prune_peers holds out
     pp.write_jsonl(ev / "books.jsonl", [text[:BOOK_CHARS] for _, text in held])
-    texts, size = pp.c4_docs(range(200, 1000)), 0
+    texts = pp.c4_docs(range(200, 1000))
     size = sum(map(len, texts))
     for _, text in train_books:
         if size >= TRAIN_TEXT_CHARS:

@@ -24,7 +24,6 @@ layer spec on the CPU:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import resource
@@ -42,6 +41,8 @@ from megatron_prune.checkpoint.fsutil import atomic_output_dir
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer
 from megatron_prune.mcore.model import build_gpt_model
 from megatron_prune.mcore.parallel import init_distributed
+
+from common import peer_parser  # bench/peers/, the script's own folder
 
 TARGET_KEYS = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "num_layers")
@@ -254,16 +255,7 @@ def num_params(model, cfg: ModelConfig) -> int:
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", type=Path, required=True, help="teacher HF Llama directory")
-    p.add_argument("--calib", type=Path, required=True,
-                   help="torch.load -> LongTensor [rows, seq] of token ids, fed as given")
-    p.add_argument("--save", type=Path, required=True, help="output HF directory (replaced)")
-    p.add_argument("--target", required=True,
-                   help=f"JSON object with keys from {', '.join(TARGET_KEYS)}; absent = unchanged")
-    p.add_argument("--stats", type=Path, required=True, help="JSON file for wall_s, peak_rss_mb, "
-                   "target, params")
+    p = peer_parser(__doc__, TARGET_KEYS)
     p.add_argument("--no-checks", action="store_true",
                    help="skip the logit checks against transformers (teacher and export)")
     return p.parse_args(argv)

@@ -28,7 +28,6 @@ model; the mean LM loss on calibration rows 0-3 is printed as a sanity number.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -40,6 +39,8 @@ from pathlib import Path
 import torch
 import torch_pruning as tp
 from transformers import AutoModelForCausalLM
+
+from common import peer_parser  # bench/peers/, the script's own folder
 
 TARGET_KEYS = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
 # files save_pretrained does not write but a usable HF directory needs
@@ -56,16 +57,8 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", type=Path, required=True, help="teacher HF directory (read only)")
-    p.add_argument("--calib", type=Path, required=True,
-                   help="torch.load-able LongTensor [rows, seq] of calibration token ids")
-    p.add_argument("--save", type=Path, required=True, help="output HF directory")
+    p = peer_parser(__doc__, TARGET_KEYS)
     p.add_argument("--method", choices=("magnitude", "taylor"), required=True)
-    p.add_argument("--target", required=True,
-                   help="JSON with any of " + ", ".join(TARGET_KEYS) + " (absent = unchanged)")
-    p.add_argument("--stats", type=Path, help="write wall_s, peak_rss_mb, method, target, params")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per Taylor backward pass")
     return p.parse_args(argv)
 
