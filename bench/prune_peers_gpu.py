@@ -53,12 +53,14 @@ def model_key(row: dict) -> str:
 
 def pack(bench: Path, dev: Path) -> None:
     from megatron_prune.data.corpus import iter_gutenberg_archive, split_holdout
-    rows = [r for f in sorted(bench.glob("results*.json"))
-            for r in json.loads(f.read_text())["rows"]]
+    rows = {model_key(r): r for f in sorted(bench.glob("results*.json"))  # one per model
+            for r in json.loads(f.read_text())["rows"]}.values()
     plans = dev / "part2" / "plans"
     plans.mkdir(parents=True, exist_ok=True)
     index = []
-    for row in rows:
+    order = ["WD", "W", "K", "D"]  # WD first: recovery needs its evaluations
+    for row in sorted(rows, key=lambda r: order.index(r["target"]) if r["target"] in order
+                      else len(order)):
         out = plans / f"{model_key(row)}.json"
         plan = Path(row.get("plan") or Path(row["dir"]) / "prune_plan.json")
         if plan.is_file():  # ours
@@ -208,6 +210,7 @@ def report(gpu: Path) -> str:
     for r in ev["rows"]:
         lines.append(f"| {r['target']} | {r['system']} | {r['eval']['params'] / 1e6:.1f}M | "
                      f"{_cells(r['eval'])} | {r['wall_s']} | {r['peak_rss_mb']} |")
+    lines += [""] + pp.goal_table(ev["rows"])
     rec = gpu / "gpu_recover.json"
     if rec.is_file():
         rc = json.loads(rec.read_text())
@@ -217,7 +220,27 @@ def report(gpu: Path) -> str:
             lines.append(f"| {r['system']} | {r['model']} | before | {_cells(r['before'])} | |")
             lines.append(f"| {r['system']} | {r['model']} | after | {_cells(r['after'])} | "
                          f"{r['train']['wall_s']} |")
+        lines += [""] + recovery_goals(rc["rows"])
     return "\n".join(lines) + "\n"
+
+
+def recovery_goals(rows: list) -> list:
+    """After equal-token distillation at WD: ours at or below the best peer on every set."""
+    after = {r["system"]: r["after"] for r in rows}
+    ours, peers = after.pop("ours", None), after
+    out = ["| goal | measured | met |", "|---|---|---|"]
+    if ours is None or not peers:
+        return []
+    for key, field, name in pp.SETS:
+        best = min(peers, key=lambda s: peers[s][key][field])
+        a, b = ours[key][field], peers[best][key][field]
+        out.append(f"| WD after distillation: ours at or below the best peer ({best}), {name} | "
+                   f"{a:.2f} vs {b:.2f}: {pp.change(a, b)} | {'yes' if a <= b else 'no'} |")
+    best = max(peers, key=lambda s: peers[s]["lambada"])
+    a, b = ours["lambada"], peers[best]["lambada"]
+    out.append(f"| WD after distillation: ours at or above the best peer ({best}), LAMBADA "
+               f"accuracy | {a:.3f} vs {b:.3f} | {'yes' if a >= b else 'no'} |")
+    return out
 
 
 def _write(res: dict, name: str, args) -> None:
