@@ -289,3 +289,42 @@ def test_plan_is_reproducible(hf):
     assert a == b and a.keep_ffn != c.keep_ffn
     with pytest.raises(ConfigError):
         ImportanceScores.load("/nonexistent/scores.pt")
+
+
+def test_activation_scores_by_definition(hf):
+    """Hidden: per norm, L2 over samples of the sequence mean of |output|, each norm's vector
+    divided by its mean, summed over norms; head: the same statistic per channel of o_proj's
+    input, L2 over the head's channels. Recomputed here from plain forward-hook captures, and
+    not the old aggregation (one L2 over all norms), which a model with one loud norm tells
+    apart."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_prune.prune.importance_hf import activation_scores
+    cfg = _cfg(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.layers[2].input_layernorm.weight.mul_(50)  # one loud norm
+    ids = torch.randint(0, 300, (6, 12), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for j, m in enumerate((layer.input_layernorm, layer.post_attention_layernorm)):
+            hooks.append(m.register_forward_hook(
+                lambda m, a, o, k=("n", 2 * i + j): seen.__setitem__(k, o.detach().double())))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, k=("o", i): seen.__setitem__(k, a[0].detach().double())))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    stat = lambda x: x.abs().mean(1).pow(2).sum(0).sqrt()  # noqa: E731  [batch, seq, n] -> [n]
+    per_norm = torch.stack([stat(seen["n", r]) for r in range(2 * cfg.num_layers)])
+    hidden = (per_norm / per_norm.mean(1, keepdim=True)).sum(0)
+    heads = torch.stack([stat(seen["o", i]).reshape(cfg.num_attention_heads, -1).norm(dim=1)
+                         for i in range(cfg.num_layers)])
+    scores = activation_scores(model, ids, cfg, micro_batch=4, progress=False)
+    assert torch.allclose(scores.hidden.double(), hidden, rtol=1e-5)
+    assert torch.allclose(scores.heads.double(), heads, rtol=1e-5)
+    assert torch.allclose(scores.groups, scores.heads.reshape(cfg.num_layers, 4, 2).sum(-1))
+    old = per_norm.pow(2).sum(0).sqrt()
+    assert set(old.topk(16).indices.tolist()) != set(hidden.topk(16).indices.tolist())

@@ -1,12 +1,19 @@
 """Importance from calibration data: activation (Minitron-style) and taylor (gradient) scores.
 
 activation — forward passes only, hooks on the model:
-  * hidden channel: |output| of every RMSNorm (both norms of every layer), summed over layers;
-  * head: L2 norm of its slice of the attention output (the input of o_proj);
-  * KV group: the sum of its heads;
-  * FFN neuron: |input of down_proj| (= silu(gate) * up);
   * each per-token statistic is averaged over the sequence, then aggregated as the L2 norm over
-    the calibration samples;
+    the calibration samples (per channel: the "statistic" below);
+  * hidden channel: the statistic of |output| of every RMSNorm (both norms of every layer),
+    each norm's vector divided by its mean, then summed over the norms (`hidden_from_norms`):
+    every norm gets an equal vote. Norm outputs differ in scale from layer to layer (their
+    weights do), and a plain L2 over all norms let a few large ones pick the channels; on
+    SmolLM2-135M the balanced sum gives the lower calibration loss at both widths tried
+    (docs/benchmarks.md, "Beside the peers");
+  * head: the statistic of |x| per channel of the attention output (the input of o_proj), then
+    the L2 norm over the head's head_dim channels (`heads_from_channels`; as Minitron ranks
+    heads — the norm of each head per token, averaged, ranked them worse there);
+  * KV group: the sum of its heads;
+  * FFN neuron: the statistic of |input of down_proj| (= silu(gate) * up);
   * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
     distance between every pair of layer boundaries (for dropping a contiguous block);
   * norm energy: sum(x^2) per channel of every norm's input (meta["norm_energy"]), from which a
@@ -50,6 +57,20 @@ class _Stats:
 
     def l2(self, key):
         return self.sq[key].sqrt().cpu()
+
+
+def hidden_from_norms(sq: torch.Tensor) -> torch.Tensor:
+    """[norms, hidden] sums over samples of squared sequence means -> hidden scores: each norm's
+    L2 vector divided by its mean, summed over the norms."""
+    l2 = sq.sqrt()
+    return (l2 / l2.mean(1, keepdim=True).clamp_min(torch.finfo(l2.dtype).tiny)).sum(0)
+
+
+def heads_from_channels(sq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[layers, heads * head_dim] sums over samples of squared sequence means of |x| per
+    channel -> [layers, heads]: the L2 norm over each head's channels of their L2 over samples."""
+    return sq.sqrt().unflatten(-1, (-1, head_dim)).norm(dim=-1)
+
 
 def _mean_abs(x: torch.Tensor) -> torch.Tensor:
     """[batch, seq, n] -> mean over seq of |x|, in one fp32-accumulating kernel."""
@@ -105,13 +126,11 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
     hooks = [norm.register_forward_pre_hook(norm_energy_hook(energy[row]))
              for row, norm in enumerate(_norms_in_order(model))]
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.input_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: stats.add(("hidden",), _mean_abs(out))))
+        for j, norm in enumerate((layer.input_layernorm, layer.post_attention_layernorm)):
+            hooks.append(norm.register_forward_hook(
+                lambda m, inp, out, r=2 * i + j: stats.add(("hidden", r), _mean_abs(out))))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, inp, i=i: stats.add(("heads", i), inp[0].unflatten(-1, (-1, d)).norm(
-                dim=-1, dtype=torch.float32).mean(1))))
+            lambda m, inp, i=i: stats.add(("heads", i), _mean_abs(inp[0]))))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda m, inp, i=i: stats.add(("ffn", i), _mean_abs(inp[0]))))
     boundary = []  # residual stream at every layer boundary, filled by the hooks below
@@ -137,9 +156,10 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
     boundary.clear()
     ang, bi = ang.cpu() / ntok, bi.cpu()
     ang.fill_diagonal_(0)
-    heads = torch.stack([stats.l2(("heads", i)) for i in range(L)])
+    heads = heads_from_channels(torch.stack([stats.sq[("heads", i)] for i in range(L)]).cpu(), d)
+    hidden = hidden_from_norms(torch.stack([stats.sq[("hidden", r)] for r in range(2 * L)]).cpu())
     return ImportanceScores(
-        "activation", shape_of(cfg), hidden=stats.l2(("hidden",)), heads=heads,
+        "activation", shape_of(cfg), hidden=hidden, heads=heads,
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=torch.stack([stats.l2(("ffn", i)) for i in range(L)]), layers=bi / ntok,
         meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],

@@ -7,10 +7,10 @@ requested TP/PP differ from the checkpoint's). Launch one process per rank:
     torchrun --nproc_per_node TPxPPxDP -m megatron_prune importance --load DIR --data F ...
 
 activation — forward hooks on every local layer (megatron-core's [seq, batch, hidden] layout):
-  * hidden channel: |input_layernorm output| and |pre_mlp_layernorm output| (replicated over TP:
-    counted on TP rank 0 only);
-  * head: L2 norm over head_dim of each head's slice of `linear_proj`'s input; TP rank r holds
-    heads [r*H/TP, (r+1)*H/TP) (whole KV groups, in HF head order);
+  * hidden channel: |input_layernorm output| and |pre_mlp_layernorm output|, one row per norm
+    (replicated over TP: counted on TP rank 0 only);
+  * head: |x| per channel of `linear_proj`'s input; TP rank r holds the channels of heads
+    [r*H/TP, (r+1)*H/TP) (whole KV groups, in HF head order);
   * FFN neuron: |`linear_fc2` input| — already the activated SwiGLU slice silu(gate_r) * up_r of
     neurons [r*F/TP, (r+1)*F/TP) (the fused fc1's per-rank [gate_r; up_r] never needs undoing);
   * per-token statistics are averaged over the sequence, squared and summed over samples;
@@ -22,8 +22,9 @@ activation — forward hooks on every local layer (megatron-core's [seq, batch, 
   Every rank accumulates full-size sums (zeros outside what it owns: its heads/neurons, its
   layers, its pairs, its data-parallel share of the micro-batches); one SUM all-reduce over the
   world puts them together — the head and neuron slices land in head/neuron order. Then, as on
-  the HF path, sqrt (L2 over samples), groups = sum of their heads, Block Influence and angular
-  distances divided by the token count.
+  the HF path, sqrt (L2 over samples), the norms' rows combined by `hidden_from_norms`, each
+  head's channels by `heads_from_channels`, groups = sum of their heads, Block Influence and
+  angular distances divided by the token count.
 taylor — |w * mean dL/dw| with the LM loss over the real (unpadded) vocab; backward runs through
   the pipeline stage by stage (grads sent back point-to-point); tied embeddings with PP > 1 sum
   the embedding's and its last-stage copy's grads first, data-parallel replicas (which share
@@ -53,7 +54,8 @@ from megatron_prune.mcore.model import build_gpt_model
 from megatron_prune.mcore.parallel import (destroy_distributed, init_distributed,
                                            launched_world_size, pipeline_forward, resolve_parallel)
 from megatron_prune.prune.choose import combine
-from megatron_prune.prune.importance_hf import norm_energy_hook
+from megatron_prune.prune.importance_hf import (heads_from_channels, hidden_from_norms,
+                                                norm_energy_hook)
 from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
 
 log = logging.getLogger(__name__)
@@ -122,8 +124,8 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
     H, F = cfg.num_attention_heads, cfg.ffn_hidden_size
     h_local, f_local = H // run.tp, F // run.tp
     h0, f0 = run.tp_rank * h_local, run.tp_rank * f_local
-    hidden_sq = torch.zeros(cfg.hidden_size, dtype=f64, device=dev)
-    heads_sq = torch.zeros(L, H, dtype=f64, device=dev)
+    hidden_sq = torch.zeros(2 * L, cfg.hidden_size, dtype=f64, device=dev)  # one row per norm
+    heads_sq = torch.zeros(L, H * d, dtype=f64, device=dev)  # per channel of linear_proj's input
     ffn_sq = torch.zeros(L, F, dtype=f64, device=dev)
     bi = torch.zeros(L, dtype=f64, device=dev)
     ang = torch.zeros(L + 1, L + 1, dtype=f64, device=dev)
@@ -134,18 +136,18 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
         # [seq, batch, n] -> sum over the batch of (mean over the sequence)^2: [n]
         return (per_token.double().mean(0) ** 2).sum(0)
 
-    def norm_hook(m, inp, out):
-        if run.tp_rank == 0:
-            hidden_sq.add_(sq_of_seq_mean(out.abs()))
-        return None
+    def norm_hook(row):
+        def hook(m, inp, out):
+            if run.tp_rank == 0:
+                hidden_sq[row].add_(sq_of_seq_mean(out.abs()))
+        return hook
 
     boundary = {}  # global boundary index -> [seq, batch, hidden] of this micro-batch
 
     # (hooks return None: a pre-hook's return value would replace the module's input)
     def heads_hook(g):
         def hook(m, inp):
-            per_head = inp[0].unflatten(-1, (-1, d)).norm(dim=-1)  # [seq, batch, heads/TP]
-            heads_sq[g, h0:h0 + h_local] += sq_of_seq_mean(per_head)
+            heads_sq[g, h0 * d:(h0 + h_local) * d] += sq_of_seq_mean(inp[0].abs())
         return hook
 
     def ffn_hook(g):
@@ -162,8 +164,8 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
     layers = run.model.decoder.layers
     for j, layer in enumerate(layers):
         g = run.start + j
-        hooks.append(layer.input_layernorm.register_forward_hook(norm_hook))
-        hooks.append(layer.pre_mlp_layernorm.register_forward_hook(norm_hook))
+        hooks.append(layer.input_layernorm.register_forward_hook(norm_hook(2 * g)))
+        hooks.append(layer.pre_mlp_layernorm.register_forward_hook(norm_hook(2 * g + 1)))
         if run.tp_rank == 0:  # norms are replicated over TP: count them once
             hooks.append(layer.input_layernorm.register_forward_pre_hook(
                 norm_energy_hook(energy[2 * g])))
@@ -234,9 +236,9 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
         return None
     n = ntok.item()
     ang = ((ang + ang.T) / n).cpu()
-    heads = heads_sq.sqrt().cpu()
+    heads = heads_from_channels(heads_sq.cpu(), d)
     return ImportanceScores(
-        "activation", shape_of(cfg), hidden=hidden_sq.sqrt().cpu(), heads=heads,
+        "activation", shape_of(cfg), hidden=hidden_from_norms(hidden_sq.cpu()), heads=heads,
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=ffn_sq.sqrt().cpu(), layers=(bi / n).cpu(),
         meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],
