@@ -39,6 +39,16 @@ def auto_scores(stories260k_hf, tmp_path_factory) -> Path:
     return d / "auto.pt"
 
 
+def test_auto_scores_hold_the_sequences_after_the_scored_ones(stories260k_hf, auto_scores):
+    """prune judges auto's choices on calibration sequences the scores never saw: the 20 scored
+    ones are followed in the same text by the CALIB_ROWS kept in the scores file."""
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    text = auto_scores.parent / "calib.txt"
+    every = calibration_batches(load_tokenizer(stories260k_hf), [text], 20 + CALIB_ROWS, 64)
+    assert torch.equal(calibration_rows(ImportanceScores.load(auto_scores)), every[20:])
+    assert ImportanceScores.load(auto_scores).meta["samples"] == 20
+
+
 def test_auto_scores_hold_both_criteria_and_the_calibration(auto_scores):
     s = ImportanceScores.load(auto_scores)
     assert s.method == "auto" and set(s.meta["taylor"]) == {"hidden", "groups", "heads", "ffn"}

@@ -36,6 +36,7 @@ def _run(a) -> int:
     import torch
 
     from megatron_prune.mcore.parallel import launched_rank, launched_world_size
+    from megatron_prune.prune.choose import CALIB_ROWS
     from megatron_prune.prune.importance_hf import compute_importance
     from megatron_prune.prune.importance_mcore import compute_importance_megatron
     from megatron_prune.prune.scores import magnitude_scores, random_scores
@@ -59,7 +60,16 @@ def _run(a) -> int:
             raise ConfigError(f"--importance {a.importance} needs calibration text: --data FILE...")
         tok_path = a.tokenizer or model_tokenizer_dir(path)
         tokenizer = load_tokenizer(tok_path)
-        batches = calibration_batches(tokenizer, a.data, a.samples, a.seq_length, a.json_key)
+        held = CALIB_ROWS if a.importance == "auto" else 0
+        try:
+            batches = calibration_batches(tokenizer, a.data, a.samples + held, a.seq_length,
+                                          a.json_key)
+        except ConfigError as e:
+            raise ConfigError(f"{e}" + (f" (auto reads {held} sequences more, held out from the "
+                                        "scores to choose on)" if held else "")) from None
+        # auto: the sequences after --samples judge prune's choices; none of them was scored,
+        # so a criterion fitted to the scored sequences (Taylor, layer loss) gains nothing there
+        batches, choice_rows = batches[:a.samples], batches[a.samples:]
         torch.manual_seed(a.seed)
         if backend == "megatron":
             scores = compute_importance_megatron(
@@ -71,6 +81,8 @@ def _run(a) -> int:
         else:
             scores = compute_importance(source, a.importance, batches, a.micro_batch_size,
                                         layer_loss=a.layer_loss)
+    if a.importance == "auto":
+        scores.meta["calibration"] = choice_rows.to(torch.int32).clone()
     scores.meta.setdefault("source", str(path))
     tmp = Path(str(a.save) + ".tmp")
     scores.save(tmp)
@@ -85,7 +97,8 @@ def add_parsers(sub) -> None:
         description="Compute importance scores of hidden channels, attention heads, KV groups,\n"
                     "FFN neurons and layers. activation: Minitron-style activation norms (forward\n"
                     "only); taylor: |w * dL/dw| per structure; auto (default): both, prune picks\n"
-                    "per dimension by calibration loss; magnitude: weight norms (no data);\n"
+                    "per dimension by the loss on 16 more calibration sequences, held out from\n"
+                    "the scores and kept in the scores file; magnitude: weight norms (no data);\n"
                     "random: seeded random scores. Runs on CUDA when available.\n\n"
                     "Backends (--backend): hf runs a transformers model built from any source in\n"
                     "one process; megatron runs a megatron-core GPTModel from a legacy Megatron\n"
