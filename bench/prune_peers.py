@@ -307,7 +307,11 @@ def markdown(results: dict) -> str:
     head = ("| target | system | params | calib loss | C4 ppl | WikiText-2 word ppl | "
             "WikiText-2 bpb | books ppl | LAMBADA | wall s | peak RSS MB |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
-    for r in results["rows"]:
+    order = list(SHAPES)
+    for r in sorted(results["rows"], key=lambda r: (order.index(r["target"]),
+                                                    not r["system"].startswith("ours"),
+                                                    not r["system"].startswith(f"ours-{DEFAULT}"),
+                                                    r["system"])):
         e = r["eval"]
         lines.append(f"| {r['target']} | {r['system']} | {e['params'] / 1e6:.1f}M | "
                      f"{e['calib_loss']:.3f} | {e['c4']['ppl']:.2f} | {e['wikitext']['word_ppl']:.2f} | "

@@ -68,7 +68,7 @@ def _run(a) -> int:
             raise ConfigError(f"{e}" + (f" (auto reads {held} sequences more, held out from the "
                                         "scores to choose on)" if held else "")) from None
         # auto: the sequences after --samples judge prune's choices; none of them was scored,
-        # so a criterion fitted to the scored sequences (Taylor, layer loss) gains nothing there
+        # so a criterion fitted to the scored ones (Taylor, layer loss) has no in-sample edge
         batches, choice_rows = batches[:a.samples], batches[a.samples:]
         torch.manual_seed(a.seed)
         if backend == "megatron":

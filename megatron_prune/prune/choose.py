@@ -9,10 +9,9 @@ peers") activation norms rank hidden channels far better than Taylor scores (hel
   hidden/heads/groups/ffn in meta["taylor"], and CALIB_ROWS calibration sequences in
   meta["calibration"] (so a prune on the shards needs no tokenizer or data). `importance`
   stores the CALIB_ROWS sequences that follow the scored ones: Taylor scores and layer losses
-  are fitted to the scored sequences, so judged on those same sequences they look better than
-  they generalise (on SmolLM2 at WD they won by 0.35 nats of calibration loss and lost on
-  held-out C4); judged on held-out ones they do not. (`combine` alone, from the API, keeps
-  the first scored ones.)
+  are fitted to the scored sequences, and judged on those same sequences they would have an
+  in-sample advantage over activation scores. (On SmolLM2 every choice came out the same
+  either way, docs/benchmarks.md.) `combine` alone, from the API, keeps the first scored ones.
 * `choose`: start from activation everywhere; for each dimension the target shrinks (hidden, KV
   groups, heads within groups, FFN), then for the layer method when layers go, try the other
   candidates in turn and keep a change that lowers the calibration loss of the pruned model
