@@ -104,6 +104,7 @@ def cli(*args, log: Path) -> dict:
 
 
 def teacher_and_data(dev: Path, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     teacher = work / "teacher"
     if not (teacher / "config.json").is_file():
         gguf = work / "smollm2.gguf"
