@@ -76,7 +76,8 @@ def variants(c: dict) -> tuple:
     l2 = c["norms"].sqrt()
     hidden = {"L2 over norms x samples (ours before)": c["norms"].sum(0).sqrt(),
               "sum over norms of each norm's L2 (Minitron)": l2.sum(0),
-              "each norm's L2 / its mean, summed (ours now)": (l2 / l2.mean(1, keepdim=True)).sum(0)}
+              "each norm's L2 / its mean, summed (ours now)":
+                  (l2 / l2.mean(1, keepdim=True)).sum(0)}
     heads = {"mean over tokens of each head's norm (ours before)": c["head_norms"].sqrt(),
              "L2 over channels of the channel statistic (Minitron, ours now)":
                  c["channels"].sqrt().unflatten(-1, (-1, c["head_dim"])).norm(dim=-1)}

@@ -13,8 +13,10 @@ bench/peers/ (each adapter says why it is needed); none of them is a dependency 
                 (CALIB_BOOK_CHARS from each, past its front matter): two domains, as the issue
                 asks, none of it evaluated -> 16 x 256 tokens (BOS per document), saved once as
                 a tensor every pruner reads; the same tokens choose "best" (calibration loss).
-3. prune        targets W, K, D, WD (TARGETS; ablations H, A, F: ABLATIONS); ours through the CLI (`importance`, `prune-hf`),
-                the peers through bench/peers/*.py; each a subprocess timed from start to saved
+                (`importance --importance auto` also reads the 16 sequences after them, held
+                out from its scores, to choose on.)
+3. prune        targets W, K, D, WD (TARGETS; ablations H, A, F: ABLATIONS); ours through the
+                CLI (`importance`, `prune-hf`), the peers through bench/peers/*.py; each a subprocess timed from start to saved
                 model, with its peak RSS (wait4). Our time counts `importance` + `prune-hf`.
 4. evaluate     in this process, the same for all: held-out C4 (documents 0-49, each its first
                 2000 characters), WikiText-2 validation (`--txt-mode wikitext`, first

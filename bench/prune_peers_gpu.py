@@ -206,7 +206,7 @@ def report(gpu: Path) -> str:
     ev = json.loads((gpu / "gpu_eval.json").read_text())
     lines = [f"Evaluated on {ev['device']} (commit {ev['commit']}).", "",
              f"| target | system | params | {EVAL_HEAD} | prune wall s | peak RSS MB |",
-             "|---" * 12 + "|", f"| - | teacher | {ev['teacher']['params'] / 1e6:.1f}M | "
+             "|---" * 11 + "|", f"| - | teacher | {ev['teacher']['params'] / 1e6:.1f}M | "
              f"{_cells(ev['teacher'])} | | |"]
     for r in ev["rows"]:
         lines.append(f"| {r['target']} | {r['system']} | {r['eval']['params'] / 1e6:.1f}M | "
