@@ -337,17 +337,8 @@ def goal_table(rows: list) -> list:
         ours = next((e for (tt, s), e in by.items() if tt == t and s.startswith(f"ours-{DEFAULT}")),
                     None)
         peers = {s: e for (tt, s), e in by.items() if tt == t and not s.startswith("ours")}
-        if ours is None or not peers:
-            continue
-        for key, field, name in SETS:
-            best = min(peers, key=lambda s: peers[s][key][field])
-            a, b = ours[key][field], peers[best][key][field]
-            out.append(f"| {t}: ours ({DEFAULT}) at or below the best peer ({best}), {name} | "
-                       f"{a:.2f} vs {b:.2f}: {change(a, b)} | {'yes' if a <= b else 'no'} |")
-        best = max(peers, key=lambda s: peers[s]["lambada"])
-        a, b = ours["lambada"], peers[best]["lambada"]
-        out.append(f"| {t}: ours ({DEFAULT}) at or above the best peer ({best}), LAMBADA accuracy"
-                   f" | {a:.3f} vs {b:.3f} | {'yes' if a >= b else 'no'} |")
+        if ours is not None and peers:
+            out += beside_best_peer(f"{t}: ours ({DEFAULT})", ours, peers)
     for t, base in TP3_BASE.items():
         tp3, tp1 = by.get((t, "ours-activation-tp3-balance")), by.get((t, base))
         if tp3 and tp1:
@@ -355,6 +346,22 @@ def goal_table(rows: list) -> list:
             out.append(f"| {t}: balance at TP=3 within 2% of global at TP=1 ({base}), held-out C4"
                        f" ppl | {a:.2f} vs {b:.2f}: {change(a, b)} | "
                        f"{'yes' if a <= 1.02 * b else 'no'} |")
+    return out
+
+
+def beside_best_peer(label: str, ours: dict, peers: dict) -> list:
+    """Goal rows: `ours` (an evaluation) against the best of `peers` (system -> evaluation) on
+    each perplexity set (at or below) and on LAMBADA (at or above)."""
+    out = []
+    for key, field, name in SETS:
+        best = min(peers, key=lambda s: peers[s][key][field])
+        a, b = ours[key][field], peers[best][key][field]
+        out.append(f"| {label} at or below the best peer ({best}), {name} | "
+                   f"{a:.2f} vs {b:.2f}: {change(a, b)} | {'yes' if a <= b else 'no'} |")
+    best = max(peers, key=lambda s: peers[s]["lambada"])
+    a, b = ours["lambada"], peers[best]["lambada"]
+    out.append(f"| {label} at or above the best peer ({best}), LAMBADA accuracy | "
+               f"{a:.3f} vs {b:.3f} | {'yes' if a >= b else 'no'} |")
     return out
 
 

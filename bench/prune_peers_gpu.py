@@ -228,20 +228,11 @@ def report(gpu: Path) -> str:
 def recovery_goals(rows: list) -> list:
     """After equal-token distillation at WD: ours at or below the best peer on every set."""
     after = {r["system"]: r["after"] for r in rows}
-    ours, peers = after.pop("ours", None), after
-    out = ["| goal | measured | met |", "|---|---|---|"]
-    if ours is None or not peers:
+    ours = after.pop("ours", None)
+    if ours is None or not after:
         return []
-    for key, field, name in pp.SETS:
-        best = min(peers, key=lambda s: peers[s][key][field])
-        a, b = ours[key][field], peers[best][key][field]
-        out.append(f"| WD after distillation: ours at or below the best peer ({best}), {name} | "
-                   f"{a:.2f} vs {b:.2f}: {pp.change(a, b)} | {'yes' if a <= b else 'no'} |")
-    best = max(peers, key=lambda s: peers[s]["lambada"])
-    a, b = ours["lambada"], peers[best]["lambada"]
-    out.append(f"| WD after distillation: ours at or above the best peer ({best}), LAMBADA "
-               f"accuracy | {a:.3f} vs {b:.3f} | {'yes' if a >= b else 'no'} |")
-    return out
+    return (["| goal | measured | met |", "|---|---|---|"]
+            + pp.beside_best_peer("WD after distillation: ours", ours, after))
 
 
 def _write(res: dict, name: str, args) -> None:
