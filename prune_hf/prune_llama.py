@@ -8,7 +8,7 @@ prune.json (seed names; a key left out keeps that dimension):
      "ffn_hidden_size_remain": 8192, "drop_layers": [7, 13], "prune_type": "balance",
      "importance": "magnitude", "seed": 1234}
 Also accepted: num_query_groups_remain, num_layers_remain, layer_method, scores, plan,
-tensor_model_parallel_size, rescale_norms. Same as `megatron-prune prune-hf`.
+tensor_model_parallel_size, rescale_norms, reconstruct. Same as `megatron-prune prune-hf`.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ def _run(a) -> int:
 
     from megatron_prune.mcore.parallel import launched_rank, launched_world_size
     from megatron_prune.prune.choose import CALIB_ROWS
+    from megatron_prune.prune.reconstruct import FIT_ROWS
     from megatron_prune.prune.importance_hf import compute_importance
     from megatron_prune.prune.importance_mcore import compute_importance_megatron
     from megatron_prune.prune.scores import magnitude_scores, random_scores
@@ -83,6 +84,8 @@ def _run(a) -> int:
                                         layer_loss=a.layer_loss)
     if a.importance == "auto":
         scores.meta["calibration"] = choice_rows.to(torch.int32).clone()
+    if a.importance in ("activation", "taylor", "auto"):  # prune refits o_proj/down_proj on them
+        scores.meta["fit_rows"] = batches[:FIT_ROWS].to(torch.int32).clone()
     scores.meta.setdefault("source", str(path))
     tmp = Path(str(a.save) + ".tmp")
     scores.save(tmp)

@@ -45,6 +45,12 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "channels are pruned with activation scores, each norm weight is scaled "
                         "by rms(kept channels) / rms(all) of its calibration input, so the "
                         "norm's output keeps its scale (the plan records the factors)")
+    g.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="copy the kept columns of o_proj / down_proj as they are. By default, "
+                        "when heads or FFN neurons go and the --scores file holds calibration "
+                        "rows (importance stores up to 64 of its sequences), those columns are "
+                        "refitted by least squares to reproduce the unpruned projection on "
+                        "them (one forward pass more; memory: an FFN x FFN matrix per layer)")
     add_size_args(p)
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
@@ -56,7 +62,8 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="balance: every TP rank keeps the best among its own; global: the best "
                         "overall, dealt out evenly over the ranks")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--plan", help=f"re-apply a saved {PLAN_FILE} instead of planning")
+    g.add_argument("--plan", help=f"re-apply a saved {PLAN_FILE} instead of planning (with "
+                                  "the same --scores when it was reconstructed)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
 
@@ -130,7 +137,8 @@ def target_from(a) -> PruneTarget:
     return PruneTarget(hidden_size=a.hidden, num_attention_heads=a.heads,
                        num_query_groups=a.groups, ffn_hidden_size=a.ffn,
                        drop_layers=a.drop_layers, num_layers=a.num_layers,
-                       layer_method=a.layer_method, rescale_norms=a.rescale_norms)
+                       layer_method=a.layer_method, rescale_norms=a.rescale_norms,
+                       reconstruct=a.reconstruct)
 
 
 def _run_prune(a) -> int:
@@ -208,6 +216,7 @@ CONFIG_KEYS = {
     "layer_method": "layer_method", "importance": "importance", "scores": "scores",
     "prune_type": "prune_type", "seed": "seed", "plan": "plan",
     "tensor_model_parallel_size": "tp", "rescale_norms": "rescale_norms",
+    "reconstruct": "reconstruct",
 }
 
 
@@ -222,7 +231,7 @@ def namespace_from_config(path) -> argparse.Namespace:
     a = argparse.Namespace(hidden=None, heads=None, groups=None, ffn=None, drop_layers=None,
                            num_layers=None, layer_method=AUTO_LAYER_METHOD, importance="random",
                            scores=None, prune_type="balance", seed=1234, plan=None, tp=1,
-                           rescale_norms=True)
+                           rescale_norms=True, reconstruct=True)
     for k, v in cfg.items():
         setattr(a, CONFIG_KEYS[k], layer_list(v) if k == "drop_layers" and isinstance(v, str) else v)
     return a

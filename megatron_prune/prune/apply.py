@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,9 +22,10 @@ from megatron_prune.checkpoint.convert import HFSource, open_source, write_hf, w
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
 from megatron_prune.checkpoint.hf_model import hf_model_from_source
-from megatron_prune.prune.choose import calibration_rows, choose
+from megatron_prune.prune.choose import calibration_rows, choose, shrunk_axes
 from megatron_prune.prune.importance_hf import mean_loss
 from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_prune.prune.reconstruct import PROJECTIONS, Reconstruction, fit, fit_rows
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
 from megatron_prune.prune.search import Budget, SearchLimits, search
 
@@ -34,10 +35,13 @@ NORM_KEYS = ("input_norm", "mlp_norm", "final_norm")  # plan.norm_scale's order 
 
 
 class PrunedSource:
-    def __init__(self, source, plan: PrunePlan):
+    """`recon`: refit the kept columns of o_proj / down_proj (prune/reconstruct.py)."""
+
+    def __init__(self, source, plan: PrunePlan, recon: Optional[Reconstruction] = None):
         plan.check_source(source.config)
         self.source = source
         self.plan = plan
+        self.recon = recon
         self.config: ModelConfig = plan.target_config
         self.dtype = source.dtype
         self._where = {}
@@ -57,6 +61,10 @@ class PrunedSource:
         src_layer = None if layer is None else self.plan.keep_layers[layer]
         src_name = spec.hf_names(src_layer)[j]
         idx = list(self.plan.index_for(spec.key, j, layer))
+        if self.recon is not None and spec.key in PROJECTIONS:
+            t = self.recon.weight(spec.key, src_layer, self.source.get(src_name), *idx)
+            return t if dim is None else t.narrow(dim, start, (t.shape[dim] if end is None
+                                                               else end) - start)
         if dim is not None:  # the writer asks for a range of the *pruned* tensor
             end = self.shape(name)[dim] if end is None else end
             idx[dim] = torch.arange(start, end) if idx[dim] is None else idx[dim][start:end]
@@ -115,23 +123,68 @@ class SizeSearch:
 
 def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_type: str,
              tp: int, seed: int, plan_file=None, size: Optional[SizeSearch] = None,
-             pp: int = 1) -> PrunePlan:
+             pp: int = 1) -> Tuple[PrunePlan, Optional[Reconstruction]]:
+    """The plan, and the reconstruction its writer applies (None: kept columns copied)."""
     cfg = source.config
     if plan_file:
         plan = PrunePlan.load(plan_file)
         plan.check_source(cfg)
-        return plan
+        return plan, _replayed_reconstruction(source, plan, plan_file, scores_file, target)
     scores = compute_scores(source, cfg, importance, scores_file, seed)
+    recon = reconstruction_for(source, scores, target, size)
     if size is not None:
-        return plan_for_budget(source, size, scores, target, prune_type, tp, pp, seed)
-    if scores.method == "auto":
-        loss_of = _calibration_loss(source, calibration_rows(scores), 4)
-        return choose(cfg, target, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
-    return make_plan(cfg, target, scores, prune_type=prune_type, tp=tp, seed=seed)
+        plan = plan_for_budget(source, size, scores, target, prune_type, tp, pp, seed, recon)
+    elif scores.method == "auto":
+        loss_of = _calibration_loss(source, calibration_rows(scores), 4, recon)
+        plan = choose(cfg, target, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
+    else:
+        plan = make_plan(cfg, target, scores, prune_type=prune_type, tp=tp, seed=seed)
+    if recon is not None:
+        plan.meta["reconstruct"] = recon.record()
+    return plan, recon
+
+
+def reconstruction_for(source, scores: ImportanceScores, target: PruneTarget,
+                       size: Optional[SizeSearch]) -> Optional[Reconstruction]:
+    """Refit o_proj / down_proj when heads or FFN neurons may go and the scores carry
+    calibration rows (every data-based `importance` run stores them)."""
+    cfg = source.config
+    if not target.reconstruct:
+        return None
+    if size is None and not {"groups", "heads", "ffn"} & set(shrunk_axes(cfg, target)):
+        return None  # nothing feeds o_proj / down_proj less than before
+    rows = fit_rows(scores)
+    if rows is None:
+        if scores.method in ("activation", "taylor", "auto"):
+            log.warning("the %s scores file holds no calibration rows (written before "
+                        "reconstruction existed): kept o_proj/down_proj columns are copied, not "
+                        "refitted; re-run `importance` to refit them", scores.method)
+        return None
+    log.info("reconstruction: measuring o_proj/down_proj input Grams on %d calibration rows",
+             len(rows))
+    return fit(hf_model_from_source(source), rows)
+
+
+def _replayed_reconstruction(source, plan: PrunePlan, plan_file, scores_file,
+                             target: PruneTarget) -> Optional[Reconstruction]:
+    """A saved plan's reconstruction, redone from the same scores file's calibration rows."""
+    if not plan.meta.get("reconstruct") or not target.reconstruct:
+        return None
+    rows = fit_rows(ImportanceScores.load(scores_file)) if scores_file else None
+    if rows is None:
+        raise ConfigError(f"{plan_file} refitted o_proj/down_proj on calibration rows: give the "
+                          "--scores file it was planned with to redo that, or "
+                          "--no-reconstruct to copy the kept columns")
+    recon = fit(hf_model_from_source(source), rows)
+    if recon.record() != plan.meta["reconstruct"]:
+        raise ConfigError(f"--scores holds other calibration rows than {plan_file} was "
+                          f"refitted on ({recon.record()} vs {plan.meta['reconstruct']})")
+    return recon
 
 
 def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: PruneTarget,
-                    prune_type: str, tp: int, pp: int, seed: int) -> PrunePlan:
+                    prune_type: str, tp: int, pp: int, seed: int,
+                    recon: Optional[Reconstruction] = None) -> PrunePlan:
     """The search's winner as a plan; the whole search is recorded in plan.meta["search"].
     `how` gives the layer method and norm rescaling (its shape fields are not used)."""
     cfg = source.config
@@ -144,7 +197,7 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
     if size.batches is None:
         log.warning("no search data: candidates are ranked by the importance they keep only")
     loss_of = None if size.batches is None else \
-        _calibration_loss(source, size.batches, size.micro_batch)
+        _calibration_loss(source, size.batches, size.micro_batch, recon)
     result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
                     prune_type=prune_type, layer_method=how.layer_method,
                     rescale_norms=how.rescale_norms)
@@ -157,10 +210,11 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
     return plan
 
 
-def _calibration_loss(source, batches: torch.Tensor, micro_batch: int):
+def _calibration_loss(source, batches: torch.Tensor, micro_batch: int,
+                      recon: Optional[Reconstruction] = None):
     """plan -> the mean LM loss of the source pruned by it (built in memory) on the batches."""
     def loss_of(plan: PrunePlan) -> float:
-        model = hf_model_from_source(PrunedSource(source, plan))
+        model = hf_model_from_source(PrunedSource(source, plan, recon))
         with torch.inference_mode():
             return mean_loss(model, batches, micro_batch)
     return loss_of
@@ -177,8 +231,8 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
         raise ConfigError(f"--load {load} is a Hugging Face directory; use prune-hf")
     ckpt = source.ckpt
     pp = pp or ckpt.pp
-    plan = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed, plan_file,
-                    size, pp if first is None and last is None else 1)
+    plan, recon = plan_for(source, target, importance, scores, prune_type, ckpt.tp, seed,
+                           plan_file, size, pp if first is None and last is None else 1)
     if size is not None and size.dry_run:
         return plan
     cfg = plan.target_config
@@ -187,7 +241,7 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
     counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
     layout.check_parallel(cfg, ckpt.tp, counts)
     with atomic_output_dir(save, force) as tmp:
-        write_megatron(PrunedSource(source, plan), cfg, tmp, tp=ckpt.tp, pp=pp, impl=ckpt.impl,
+        write_megatron(PrunedSource(source, plan, recon), cfg, tmp, tp=ckpt.tp, pp=pp, impl=ckpt.impl,
                        dtype=ckpt.dtype, divisible_by=ckpt.divisible_by,
                        ckpt_format=ckpt.format, first=first, last=last,
                        iteration=ckpt.iteration, args_base=ckpt.args)
@@ -212,12 +266,12 @@ def prune_hf(hf_dir, save, target: Optional[PruneTarget] = None, *, importance="
     """Prune an HF checkpoint (real weights, tensor by tensor); tokenizer files are copied."""
     check_output(save, force)
     source = HFSource(HFCheckpoint(hf_dir))
-    plan = plan_for(source, target or PruneTarget(), importance, scores, prune_type, tp, seed,
-                    plan_file, size)
+    plan, recon = plan_for(source, target or PruneTarget(), importance, scores, prune_type, tp,
+                           seed, plan_file, size)
     if size is not None and size.dry_run:
         return plan
     with atomic_output_dir(save, force) as tmp:
-        write_hf(PrunedSource(source, plan), plan.target_config, tmp, source.dtype)
+        write_hf(PrunedSource(source, plan, recon), plan.target_config, tmp, source.dtype)
         copy_tokenizer(Path(hf_dir), tmp)
         plan.save(tmp / PLAN_FILE)
     return plan

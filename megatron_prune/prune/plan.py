@@ -40,6 +40,8 @@ class PruneTarget:
     layer_method: str = "block-influence"  # or AUTO_LAYER_METHOD
     # rescale the kept norms when hidden channels go (needs scores with meta["norm_energy"])
     rescale_norms: bool = True
+    # refit o_proj / down_proj on the kept inputs (prune/reconstruct.py; needs scores with rows)
+    reconstruct: bool = True
 
 
 @dataclass
