@@ -173,9 +173,10 @@ def run_ours(out: Path, data: dict, tname: str, method: str, layer_method: str) 
         flags += ["--scores", scores]
     else:  # data-free: magnitude (width only) and random (random layers too)
         score_stats = {"wall_s": 0.0, "peak_rss_mb": 0}
-    return _pruned(save, tag, lambda: CLI + [
+    row = _pruned(save, tag, lambda: CLI + [
         "prune-hf", "--hf-dir", data["teacher"], "--save", save, "--force",
         "--importance", method, "--prune-type", "global", *flags], score_stats)
+    return {**row, "scores": str(scores)} if "--scores" in flags else row
 
 
 def run_peer(out: Path, data: dict, peer_python: str, tname: str, peer: str, method: str) -> dict:
@@ -222,7 +223,7 @@ def tp3_prune(out: Path, data: dict, tname: str) -> dict:
     if not (hf / "config.json").is_file():
         timed(CLI + ["megatron-to-hf", "--load", save, "--save", hf, "--force"],
               save.parent / "tp3-export.log")
-    return {**row, "dir": str(hf), "plan": str(save / "prune_plan.json")}
+    return {**row, "dir": str(hf), "plan": str(save / "prune_plan.json"), "scores": str(scores)}
 
 
 def speed(out: Path, data: dict, peer_python: str, reps: int) -> dict:

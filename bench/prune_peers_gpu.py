@@ -65,11 +65,15 @@ def pack(bench: Path, dev: Path) -> None:
         plan = Path(row.get("plan") or Path(row["dir"]) / "prune_plan.json")
         if plan.is_file():  # ours
             shutil.copy2(plan, out)
+            if row.get("scores"):  # a refitted plan is redone from its scores' rows
+                (plans.parent / "scores").mkdir(exist_ok=True)
+                shutil.copy2(row["scores"], plans.parent / "scores" / Path(row["scores"]).name)
         else:
             pp.timed([sys.executable, ROOT / "bench" / "peers" / "as_plan.py", "--teacher",
                       bench / "teacher", "--student", row["dir"], "--save", out],
                      plans.parent / f"as_plan_{model_key(row)}.log")
-        index.append({k: v for k, v in row.items() if k not in ("dir", "plan")})
+        index.append({**{k: v for k, v in row.items() if k not in ("dir", "plan", "scores")},
+                      **({"scores": Path(row["scores"]).name} if row.get("scores") else {})})
     (plans / "index.json").write_text(json.dumps(index, indent=1))
     gguf = pp.GGUF.read_bytes()
     (dev / "part1").mkdir(exist_ok=True)
@@ -117,11 +121,13 @@ def teacher_and_data(dev: Path, work: Path) -> dict:
             "lambada": ev / "lambada.jsonl"}
 
 
-def build(work: Path, data: dict, key: str, plan: Path) -> Path:
+def build(work: Path, data: dict, row: dict, plans: Path) -> Path:
+    key = model_key(row)
     out = work / "models" / key
+    scores = ["--scores", plans.parent / "scores" / row["scores"]] if row.get("scores") else []
     if not (out / "config.json").is_file():
-        cli("prune-hf", "--hf-dir", data["teacher"], "--save", out, "--plan", plan, "--force",
-            log=work / f"{key}.prune.log")
+        cli("prune-hf", "--hf-dir", data["teacher"], "--save", out, "--plan",
+            plans / f"{key}.json", *scores, "--force", log=work / f"{key}.prune.log")
     return out
 
 
@@ -135,9 +141,7 @@ def stage_eval(args) -> None:
         if time.perf_counter() - start > args.budget_s:
             res["unfinished"] = True  # the next call goes on (evaluations are cached)
             break
-        key = model_key(row)
-        res["rows"].append({**row, "eval": pp.evaluate(str(build(work, data, key,
-                                                                 plans / f"{key}.json")),
+        res["rows"].append({**row, "eval": pp.evaluate(str(build(work, data, row, plans)),
                                                        data, args)})
         _write(res, "gpu_eval.json", args)
         print(key, json.dumps(res["rows"][-1]["eval"]), flush=True)
@@ -157,17 +161,20 @@ def stage_recover(args) -> None:
     if not (work / "teacher_meg" / "latest_checkpointed_iteration.txt").is_file():
         cli("hf-to-megatron", "--hf-dir", data["teacher"], "--save", work / "teacher_meg",
             "--force", log=work / "teacher_meg.log")
-    evals = {model_key(r): r["eval"] for r in json.loads(args.eval_json.read_text())["rows"]}
+    rows = {model_key(r): r for r in json.loads(args.eval_json.read_text())["rows"]}
+    settings = {k: getattr(args, k) for k in ("train_tokens", "seq_length", "micro_batch",
+                                              "global_batch", "lr")}
     res = {"device": _device(), "commit": os.environ.get("BENCH_COMMIT", "unknown"),
-           "settings": {k: getattr(args, k) for k in ("train_tokens", "seq_length",
-                                                      "micro_batch", "global_batch", "lr")},
-           "rows": []}
-    for system in SYSTEMS:  # the WD model of lowest calibration loss, per system
-        keys = [k for k in evals if k.startswith(f"WD__{system}") and "tp3" not in k]
-        key = min(keys, key=lambda k: evals[k]["calib_loss"])
-        res["rows"].append({"system": system, "model": key, "before": evals[key],
-                            **distill(work, data, key, build(work, data, key,
-                                                             plans / f"{key}.json"), args)})
+           "settings": settings, "rows": []}
+    done = Path(args.work, "gpu_recover.json")  # an earlier call's systems, same settings
+    if done.is_file() and json.loads(done.read_text())["settings"] == settings:
+        res["rows"] = json.loads(done.read_text())["rows"]
+    for system in args.systems:  # the WD model of lowest calibration loss, per system
+        keys = [k for k in rows if k.startswith(f"WD__{system}") and "tp3" not in k]
+        key = min(keys, key=lambda k: rows[k]["eval"]["calib_loss"])
+        res["rows"] = [r for r in res["rows"] if r["system"] != system] + [
+            {"system": system, "model": key, "before": rows[key]["eval"],
+             **distill(work, data, key, build(work, data, rows[key], plans), args)}]
         _write(res, "gpu_recover.json", args)
         print(json.dumps(res["rows"][-1]), flush=True)
 
@@ -263,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--wikitext-tokens", type=int, default=None, help="default: all")
     p.add_argument("--lambada", type=int, default=1000)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                   help="recover: these systems in this call (the others' earlier results of "
+                        "the same settings are kept)")
     args = p.parse_args(argv)
     if args.pack:
         pack(args.bench, args.devdata)
