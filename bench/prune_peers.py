@@ -62,6 +62,7 @@ ABLATIONS = {"H": {"hidden_size": 432}, "A": {"num_attention_heads": 6},
              "F": {"ffn_hidden_size": 1152}}
 SHAPES = {**TARGETS, **ABLATIONS}
 NO_RESCALE = "activation-no-rescale"  # activation scores, norms copied (--no-norm-rescale)
+NO_REFIT = "auto-no-reconstruct"      # the default, o_proj/down_proj columns copied (ablation)
 FLAGS = {"hidden_size": "--hidden-size-remain", "num_attention_heads": "--num-attention-heads-remain",
          "num_query_groups": "--num-query-groups-remain", "ffn_hidden_size": "--ffn-hidden-size-remain",
          "num_layers": "--num-layers-remain"}
@@ -165,6 +166,8 @@ def run_ours(out: Path, data: dict, tname: str, method: str, layer_method: str) 
     flags = target_flags(target)
     if method == NO_RESCALE:
         method, flags = "activation", flags + ["--no-norm-rescale"]
+    if method == NO_REFIT:
+        method, flags = DEFAULT, flags + ["--no-reconstruct"]
     if "num_layers" in target:
         flags += ["--layer-method", layer_method]
     if method in ("activation", "taylor", DEFAULT):
@@ -291,6 +294,8 @@ def systems_for(tname: str, args) -> list:
     depth = "num_layers" in TARGETS[tname]
     width = any(k != "num_layers" for k in TARGETS[tname])
     rows = [("ours", DEFAULT, DEFAULT if depth else None)]
+    if width:  # what the least-squares refit adds to the default
+        rows.append(("ours", NO_REFIT, DEFAULT if depth else None))
     if depth:
         rows += [("ours", "activation", lm) for lm in LAYER_METHODS]
         if not width:
@@ -329,14 +334,18 @@ TP3_BASE = {"W": "ours-activation", "D": "ours-activation-block-influence",
             "WD": "ours-activation-block-influence"}  # global at TP=1, same scores and methods
 
 
+def default_system(tname: str) -> str:
+    """The row name of our default (`auto` scores, and `auto` layers where layers go)."""
+    return f"ours-{DEFAULT}" + (f"-{DEFAULT}" if "num_layers" in TARGETS[tname] else "")
+
+
 def goal_table(rows: list) -> list:
     """The issue's goals on these rows: ours (default) against the best peer on each set, and
     balance at TP=3 against global at TP=1 (held-out C4 within 2%)."""
     by = {(r["target"], r["system"]): r["eval"] for r in rows if r.get("eval")}
     out = ["| goal | measured | met |", "|---|---|---|"]
     for t in TARGETS:
-        ours = next((e for (tt, s), e in by.items() if tt == t and s.startswith(f"ours-{DEFAULT}")),
-                    None)
+        ours = by.get((t, default_system(t)))
         peers = {s: e for (tt, s), e in by.items() if tt == t and not s.startswith("ours")}
         if ours is not None and peers:
             out += beside_best_peer(f"{t}: ours ({DEFAULT})", ours, peers)
