@@ -61,6 +61,9 @@ def pack(bench: Path, dev: Path) -> None:
     order = ["WD", "W", "K", "D"]  # WD first: recovery needs its evaluations
     for row in sorted(rows, key=lambda r: order.index(r["target"]) if r["target"] in order
                       else len(order)):
+        if not (Path(row["dir"]) / "config.json").is_file():
+            print(f"skipped {model_key(row)}: no model at {row['dir']} (being re-pruned?)")
+            continue
         out = plans / f"{model_key(row)}.json"
         plan = Path(row.get("plan") or Path(row["dir"]) / "prune_plan.json")
         if plan.is_file():  # ours
