@@ -147,7 +147,7 @@ def stage_eval(args) -> None:
         res["rows"].append({**row, "eval": pp.evaluate(str(build(work, data, row, plans)),
                                                        data, args)})
         _write(res, "gpu_eval.json", args)
-        print(key, json.dumps(res["rows"][-1]["eval"]), flush=True)
+        print(model_key(row), json.dumps(res["rows"][-1]["eval"]), flush=True)
     _write(res, "gpu_eval.json", args)
 
 
@@ -164,7 +164,11 @@ def stage_recover(args) -> None:
     if not (work / "teacher_meg" / "latest_checkpointed_iteration.txt").is_file():
         cli("hf-to-megatron", "--hf-dir", data["teacher"], "--save", work / "teacher_meg",
             "--force", log=work / "teacher_meg.log")
-    rows = {model_key(r): r for r in json.loads(args.eval_json.read_text())["rows"]}
+    # every packed WD model, evaluated here (cached beside it) unless the eval stage did
+    rows = {model_key(r): r for r in json.loads((plans / "index.json").read_text())
+            if r["target"] == "WD" and "tp3" not in r["system"]}
+    for key, row in rows.items():
+        row["eval"] = pp.evaluate(str(build(work, data, row, plans)), data, args)
     settings = {k: getattr(args, k) for k in ("train_tokens", "seq_length", "micro_batch",
                                               "global_batch", "lr")}
     res = {"device": _device(), "commit": os.environ.get("BENCH_COMMIT", "unknown"),
@@ -173,7 +177,7 @@ def stage_recover(args) -> None:
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         res["rows"] = json.loads(done.read_text())["rows"]
     for system in args.systems:  # the WD model of lowest calibration loss, per system
-        keys = [k for k in rows if k.startswith(f"WD__{system}") and "tp3" not in k]
+        keys = [k for k in rows if k.startswith(f"WD__{system}")]
         key = min(keys, key=lambda k: rows[k]["eval"]["calib_loss"])
         res["rows"] = [r for r in res["rows"] if r["system"] != system] + [
             {"system": system, "model": key, "before": rows[key]["eval"],
@@ -265,7 +269,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".")
     p.add_argument("--work", default=".devwork")
     p.add_argument("--budget-s", type=float, default=420, help="eval: start no model after")
-    p.add_argument("--eval-json", type=Path, help="recover: gpu_eval.json (default: --work's)")
     p.add_argument("--train-tokens", type=float, default=6e6)
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=16)
@@ -282,7 +285,6 @@ def main(argv=None) -> int:
     elif args.stage == "eval":
         stage_eval(args)
     elif args.stage == "recover":
-        args.eval_json = args.eval_json or Path(args.work, "gpu_eval.json")
         stage_recover(args)
     elif args.stage == "report":
         print(report(Path(args.out)), end="")
