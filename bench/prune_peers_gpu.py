@@ -166,7 +166,8 @@ def stage_recover(args) -> None:
             "--force", log=work / "teacher_meg.log")
     # every packed WD model, evaluated here (cached beside it) unless the eval stage did
     rows = {model_key(r): r for r in json.loads((plans / "index.json").read_text())
-            if r["target"] == "WD" and "tp3" not in r["system"]}
+            if r["target"] == "WD" and "tp3" not in r["system"]
+            and (not args.models or model_key(r) in args.models)}
     for key, row in rows.items():
         row["eval"] = pp.evaluate(str(build(work, data, row, plans)), data, args)
     settings = {k: getattr(args, k) for k in ("train_tokens", "seq_length", "micro_batch",
@@ -176,9 +177,12 @@ def stage_recover(args) -> None:
     done = Path(args.work, "gpu_recover.json")  # an earlier call's systems, same settings
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         res["rows"] = json.loads(done.read_text())["rows"]
-    for system in args.systems:  # the WD model of lowest calibration loss, per system
-        keys = [k for k in rows if k.startswith(f"WD__{system}")]
-        key = min(keys, key=lambda k: rows[k]["eval"]["calib_loss"])
+    for system in args.models or args.systems:
+        if args.models:  # a named model (a diagnosis beside the systems' own)
+            key, system = system, system.split("__")[1]
+        else:  # the WD model of lowest calibration loss, per system
+            key = min((k for k in rows if k.startswith(f"WD__{system}")),
+                      key=lambda k: rows[k]["eval"]["calib_loss"])
         res["rows"] = [r for r in res["rows"] if r["system"] != system] + [
             {"system": system, "model": key, "before": rows[key]["eval"],
              **distill(work, data, key, build(work, data, rows[key], plans), args)}]
@@ -279,6 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
                    help="recover: these systems in this call (the others' earlier results of "
                         "the same settings are kept)")
+    p.add_argument("--models", nargs="+", metavar="KEY",
+                   help="recover: these packed WD models (e.g. WD__ours-activation-block-"
+                        "influence) instead of each system's lowest calibration loss")
     args = p.parse_args(argv)
     if args.pack:
         pack(args.bench, args.devdata)
