@@ -50,7 +50,8 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "when heads or FFN neurons go and the --scores file holds calibration "
                         "rows (importance stores up to 64 of its sequences), those columns are "
                         "refitted by least squares to reproduce the unpruned projection on "
-                        "them (one forward pass more; memory: an FFN x FFN matrix per layer)")
+                        "them (one forward pass of the unpruned model, built whole in "
+                        "memory, and an FFN x FFN matrix per layer)")
     add_size_args(p)
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
