@@ -232,24 +232,29 @@ def tp3_prune(out: Path, data: dict, tname: str) -> dict:
 def speed(out: Path, data: dict, peer_python: str, reps: int) -> dict:
     """Wall time and peak RSS from loading to a saved model at target W, one system after the
     other on an otherwise idle machine (the prune runs above overlap when the harness runs
-    targets side by side): ours with activation (the criterion Minitron uses) and with auto
-    (importance without --layer-loss, W drops no layer), Minitron."""
+    targets side by side): ours with activation (the criterion Minitron uses; with and without
+    the refit, which Minitron does not do) and with auto (importance without --layer-loss, W
+    drops no layer), Minitron."""
     d = out / "speed"
     d.mkdir(exist_ok=True)
     flags = target_flags(TARGETS["W"])
-    runs = {"ours-activation": [], "ours-auto": [], "minitron": []}
+    runs = {"ours-activation": [], "ours-activation-no-reconstruct": [], "ours-auto": [],
+            "minitron": []}
     for rep in range(reps):
-        for method in ("activation", DEFAULT):
+        for name in runs:
+            if not name.startswith("ours"):
+                continue
+            method = name.split("-")[1]
+            extra = ["--no-reconstruct"] if name.endswith("no-reconstruct") else []
             a = timed(CLI + ["importance", "--hf-dir", data["teacher"], "--data", data["calib"],
                              "--importance", method, "--samples", 16, "--seq-length", 256,
                              "--save", d / f"{method}.pt", "--force"], d / f"{method}.log")
-            b = timed(CLI + ["prune-hf", "--hf-dir", data["teacher"], "--save", d / method,
+            b = timed(CLI + ["prune-hf", "--hf-dir", data["teacher"], "--save", d / name,
                              "--force", "--scores", d / f"{method}.pt", "--prune-type", "global",
-                             *flags], d / f"{method}-prune.log")
-            runs[f"ours-{method}"].append({"wall_s": round(a["wall_s"] + b["wall_s"], 2),
-                                           "importance_s": a["wall_s"], "prune_s": b["wall_s"],
-                                           "peak_rss_mb": max(a["peak_rss_mb"],
-                                                              b["peak_rss_mb"])})
+                             *flags, *extra], d / f"{name}-prune.log")
+            runs[name].append({"wall_s": round(a["wall_s"] + b["wall_s"], 2),
+                               "importance_s": a["wall_s"], "prune_s": b["wall_s"],
+                               "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])})
         runs["minitron"].append(timed([peer_python, ROOT / "bench" / "peers" / "minitron_prune.py",
                                        "--hf-dir", data["teacher"], "--calib", data["calib_pt"],
                                        "--save", d / "minitron", "--target",
