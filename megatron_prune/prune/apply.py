@@ -241,8 +241,8 @@ def prune_megatron(load, save, target: PruneTarget, *, importance="random", scor
     counts = layout.stage_layer_counts(cfg.num_layers, pp, first, last)
     layout.check_parallel(cfg, ckpt.tp, counts)
     with atomic_output_dir(save, force) as tmp:
-        write_megatron(PrunedSource(source, plan, recon), cfg, tmp, tp=ckpt.tp, pp=pp, impl=ckpt.impl,
-                       dtype=ckpt.dtype, divisible_by=ckpt.divisible_by,
+        write_megatron(PrunedSource(source, plan, recon), cfg, tmp, tp=ckpt.tp, pp=pp,
+                       impl=ckpt.impl, dtype=ckpt.dtype, divisible_by=ckpt.divisible_by,
                        ckpt_format=ckpt.format, first=first, last=last,
                        iteration=ckpt.iteration, args_base=ckpt.args)
         plan.save(tmp / PLAN_FILE)
