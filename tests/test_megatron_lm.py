@@ -75,8 +75,14 @@ def our_reshard(load, save, tp, pp):
 # Tied embeddings are read from PP=1 only: Megatron-LM's converter builds every pipeline stage
 # in one process, and GPTModel asserts that a last stage sharing the embedding is not also a
 # first stage (language_module.py:216), which in one process it always is. (An upstream limit.)
-@pytest.mark.parametrize("name,source,target", [("gqa", (2, 2), (1, 1)), ("tied", (2, 1), (1, 1)),
-                                                ("llama3", (2, 2), (2, 1))])
+# Each case takes ~15 s of Megatron-LM subprocesses on CI's 2 cores: the default suite keeps the
+# GQA and tied ones here and GQA for the argument loader; the rest run with -m slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name,source,target", [
+    ("gqa", (2, 2), (1, 1)), ("tied", (2, 1), (1, 1)),
+    pytest.param("llama3", (2, 2), (2, 1), marks=SLOW)])
 def test_their_converter_reads_our_checkpoint(hf_models, tmp_path, name, source, target):
     """Megatron-LM's convert.py (--loader core --saver core) reads our output and writes, at
     another TP/PP, exactly what our reshard writes."""
@@ -107,7 +113,9 @@ def test_our_te_names_are_megatron_lm_te_schema(hf_models, tmp_path):
 
 
 # ---------------------------------------------------------------- their argument loader
-@pytest.mark.parametrize("name", ["gqa", "tied", "llama3", "stories260K"])
+@pytest.mark.parametrize("name", ["gqa", pytest.param("tied", marks=SLOW),
+                                  pytest.param("llama3", marks=SLOW),
+                                  pytest.param("stories260K", marks=SLOW)])
 def test_their_argument_loader_restores_our_model(hf_models, stories260k_hf, tmp_path, name):
     """megatron.training.checkpointing.load_args_from_checkpoint (what --use-checkpoint-args
     runs) restores our model's shape from our args; the fields it does not restore are exactly
