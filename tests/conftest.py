@@ -30,3 +30,19 @@ def smollm2_hf(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     import_gguf(src, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def stories260k_calib_text(stories260k_hf, tmp_path_factory) -> Path:
+    """24 texts of 96 tokens sampled from stories260K (seed 0), one calibration file."""
+    import sys
+
+    from megatron_prune.checkpoint.hf_model import load_hf_model
+    from megatron_prune.data.calibration import load_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from prune_quality import sample_text
+
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_text("\n\n".join(sample_text(load_hf_model(stories260k_hf),
+                                            load_tokenizer(stories260k_hf), 24, 96, 0)))
+    return text

@@ -2,7 +2,6 @@
 dimension's criterion and the layer method chosen by the calibration loss, on HF and on shards."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,6 @@ from megatron_prune.prune.importance_hf import mean_loss
 from megatron_prune.prune.plan import PrunePlan
 from megatron_prune.prune.scores import ImportanceScores
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from prune_quality import sample_text  # noqa: E402
-
 # 8 heads / 4 groups, hidden 64, FFN 172, 5 layers -> every width dimension and the depth shrink
 SHAPE = ["--hidden-size-remain", "48", "--num-attention-heads-remain", "2",
          "--num-query-groups-remain", "2", "--ffn-hidden-size-remain", "128",
@@ -27,24 +23,22 @@ SHAPE = ["--hidden-size-remain", "48", "--num-attention-heads-remain", "2",
 
 
 @pytest.fixture(scope="module")
-def auto_scores(stories260k_hf, tmp_path_factory) -> Path:
-    from megatron_prune.data.calibration import load_tokenizer
+def auto_scores(stories260k_hf, stories260k_calib_text, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("auto")
-    text = d / "calib.txt"
-    text.write_text("\n\n".join(sample_text(load_hf_model(stories260k_hf),
-                                            load_tokenizer(stories260k_hf), 24, 96, 0)))
-    assert main(["importance", "--hf-dir", str(stories260k_hf), "--data", str(text),
+    assert main(["importance", "--hf-dir", str(stories260k_hf),
+                 "--data", str(stories260k_calib_text),
                  "--samples", "20", "--seq-length", "64", "--layer-loss",
                  "--save", str(d / "auto.pt")]) == 0  # auto is the default
     return d / "auto.pt"
 
 
-def test_auto_scores_hold_the_sequences_after_the_scored_ones(stories260k_hf, auto_scores):
+def test_auto_scores_hold_the_sequences_after_the_scored_ones(stories260k_hf, auto_scores,
+                                                            stories260k_calib_text):
     """prune judges auto's choices on calibration sequences the scores never saw: the 20 scored
     ones are followed in the same text by the CALIB_ROWS kept in the scores file."""
     from megatron_prune.data.calibration import calibration_batches, load_tokenizer
-    text = auto_scores.parent / "calib.txt"
-    every = calibration_batches(load_tokenizer(stories260k_hf), [text], 20 + CALIB_ROWS, 64)
+    every = calibration_batches(load_tokenizer(stories260k_hf), [stories260k_calib_text],
+                                20 + CALIB_ROWS, 64)
     assert torch.equal(calibration_rows(ImportanceScores.load(auto_scores)), every[20:])
     assert ImportanceScores.load(auto_scores).meta["samples"] == 20
 

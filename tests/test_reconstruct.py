@@ -2,12 +2,10 @@
 squares on calibration rows, on the real stories260K model, on HF and on TP=2 shards."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megatron_prune.checkpoint import convert
 from megatron_prune.checkpoint.hf_model import load_hf_model
@@ -18,28 +16,20 @@ from megatron_prune.prune.plan import PrunePlan
 from megatron_prune.prune.reconstruct import Reconstruction, fit, fit_rows
 from megatron_prune.prune.scores import ImportanceScores
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from prune_quality import sample_text  # noqa: E402
+from checks import hf_tensors
 
 # stories260K: 8 heads / 4 groups, hidden 64, FFN 172, 5 layers
 WIDTH = ["--num-attention-heads-remain", "4", "--ffn-hidden-size-remain", "96"]
 
 
 @pytest.fixture(scope="module")
-def scores(stories260k_hf, tmp_path_factory) -> Path:
-    from megatron_prune.data.calibration import load_tokenizer
+def scores(stories260k_hf, stories260k_calib_text, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("recon")
-    text = d / "calib.txt"
-    text.write_text("\n\n".join(sample_text(load_hf_model(stories260k_hf),
-                                            load_tokenizer(stories260k_hf), 24, 96, 0)))
-    assert main(["importance", "--hf-dir", str(stories260k_hf), "--data", str(text),
+    assert main(["importance", "--hf-dir", str(stories260k_hf),
+                 "--data", str(stories260k_calib_text),
                  "--importance", "activation", "--samples", "20", "--seq-length", "64",
                  "--save", str(d / "act.pt")]) == 0
     return d / "act.pt"
-
-
-def _weights(d: Path) -> dict:
-    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def test_importance_keeps_the_scored_rows_to_fit_on(scores):
@@ -74,7 +64,8 @@ def test_refit_is_the_least_squares_solution(stories260k_hf, scores):
                        w[:10])
 
 
-def test_prune_hf_refits_lowers_the_loss_and_replays(stories260k_hf, scores, tmp_path, capsys):
+def test_prune_hf_refits_lowers_the_loss_and_replays(stories260k_hf, scores, tmp_path,
+                                                     capsys):
     run = ["prune-hf", "--hf-dir", str(stories260k_hf), "--scores", str(scores),
            "--prune-type", "global", *WIDTH]
     assert main(run + ["--save", str(tmp_path / "r")]) == 0
@@ -82,7 +73,7 @@ def test_prune_hf_refits_lowers_the_loss_and_replays(stories260k_hf, scores, tmp
     plan = PrunePlan.load(tmp_path / "r" / PLAN_FILE)
     assert plan.meta["reconstruct"] == {"tokens": 20 * 64, "ridge": 0.01}
     assert "reconstruct" not in PrunePlan.load(tmp_path / "c" / PLAN_FILE).meta
-    r, c = _weights(tmp_path / "r"), _weights(tmp_path / "c")
+    r, c = hf_tensors(tmp_path / "r"), hf_tensors(tmp_path / "c")
     changed = {k for k in r if not torch.equal(r[k], c[k])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i in range(5)
                        for m in ("self_attn.o_proj", "mlp.down_proj")}
@@ -93,7 +84,7 @@ def test_prune_hf_refits_lowers_the_loss_and_replays(stories260k_hf, scores, tmp
     replay = ["prune-hf", "--hf-dir", str(stories260k_hf), "--plan",
               str(tmp_path / "r" / PLAN_FILE)]
     assert main(replay + ["--scores", str(scores), "--save", str(tmp_path / "p")]) == 0
-    assert all(torch.equal(v, r[k]) for k, v in _weights(tmp_path / "p").items())
+    assert all(torch.equal(v, r[k]) for k, v in hf_tensors(tmp_path / "p").items())
     assert main(replay + ["--save", str(tmp_path / "no")]) == 2  # which scores? refused
     assert not (tmp_path / "no").exists()
     assert "--scores file it was planned with" in capsys.readouterr().err
@@ -109,6 +100,6 @@ def test_tp2_shards_refit_as_hf_does(stories260k_hf, scores, tmp_path):
                  "--importance", "activation", "--scores", str(scores),
                  "--tensor-model-parallel-size", "2", *WIDTH]) == 0
     convert.megatron_to_hf(tmp_path / "meg", tmp_path / "meg_hf")
-    a, b = _weights(tmp_path / "meg_hf"), _weights(tmp_path / "hf")
+    a, b = hf_tensors(tmp_path / "meg_hf"), hf_tensors(tmp_path / "hf")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), \
         [k for k in a if not torch.equal(a[k], b[k])]

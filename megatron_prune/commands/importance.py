@@ -82,10 +82,9 @@ def _run(a) -> int:
         else:
             scores = compute_importance(source, a.importance, batches, a.micro_batch_size,
                                         layer_loss=a.layer_loss)
-    if a.importance == "auto":
-        scores.meta["calibration"] = choice_rows.to(torch.int32).clone()
-    if a.importance in ("activation", "taylor", "auto"):  # prune refits o_proj/down_proj on them
-        scores.meta["fit_rows"] = batches[:FIT_ROWS].to(torch.int32).clone()
+        if a.importance == "auto":
+            scores.meta["calibration"] = choice_rows.to(torch.int32).clone()
+        scores.meta["fit_rows"] = batches[:FIT_ROWS].to(torch.int32).clone()  # prune refits on them
     scores.meta.setdefault("source", str(path))
     tmp = Path(str(a.save) + ".tmp")
     scores.save(tmp)

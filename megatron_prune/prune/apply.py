@@ -23,7 +23,7 @@ from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
 from megatron_prune.checkpoint.hf_model import hf_model_from_source
 from megatron_prune.prune.choose import calibration_rows, choose, shrunk_axes
-from megatron_prune.prune.importance_hf import mean_loss
+from megatron_prune.prune.importance_hf import METHODS as DATA_METHODS, mean_loss
 from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
 from megatron_prune.prune.reconstruct import PROJECTIONS, Reconstruction, fit, fit_rows
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
@@ -155,7 +155,7 @@ def reconstruction_for(source, scores: ImportanceScores, target: PruneTarget,
         return None  # nothing feeds o_proj / down_proj less than before
     rows = fit_rows(scores)
     if rows is None:
-        if scores.method in ("activation", "taylor", "auto"):
+        if scores.method in DATA_METHODS:
             log.warning("the %s scores file holds no calibration rows (written before "
                         "reconstruction existed): kept o_proj/down_proj columns are copied, not "
                         "refitted; re-run `importance` to refit them", scores.method)
