@@ -13,7 +13,7 @@ from megatron_prune.cli import main
 from megatron_prune.prune.apply import PLAN_FILE
 from megatron_prune.prune.importance_hf import mean_loss
 from megatron_prune.prune.plan import PrunePlan
-from megatron_prune.prune.reconstruct import Reconstruction, fit, fit_rows
+from megatron_prune.prune.reconstruct import PROJECTIONS, Reconstruction, fit, fit_rows
 from megatron_prune.prune.scores import ImportanceScores
 
 from checks import hf_tensors
@@ -42,7 +42,7 @@ def test_refit_is_the_least_squares_solution(stories260k_hf, scores):
     minimise ||X W^T - X_K W'^T|| over the calibration tokens (no ridge)."""
     model = load_hf_model(stories260k_hf)
     rows = fit_rows(ImportanceScores.load(scores))
-    recon = fit(model, rows, progress=False)
+    recon = fit(convert.open_source(stories260k_hf), rows, progress=False)
     xs = []
     hook = model.model.layers[2].mlp.down_proj.register_forward_pre_hook(
         lambda m, i: xs.append(i[0].reshape(-1, i[0].shape[-1])))
@@ -62,6 +62,29 @@ def test_refit_is_the_least_squares_solution(stories260k_hf, scores):
     # nothing removed from the input: the kept columns are copied exactly
     assert torch.equal(recon.weight("fc2", 2, w, torch.arange(10), torch.arange(172)),
                        w[:10])
+
+
+def test_grams_streamed_layer_by_layer_equal_the_whole_models(stories260k_hf, scores):
+    """`fit` builds one decoder layer at a time: its Grams are the whole HF model's, bit for bit,
+    and their memory-mapped files go with the reconstruction."""
+    rows = fit_rows(ImportanceScores.load(scores))
+    model, whole, hooks = load_hf_model(stories260k_hf), {}, []
+    for i, block in enumerate(model.model.layers):
+        for key, path in PROJECTIONS.items():
+            def keep(module, inputs, key=key, i=i):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                whole[key, i] = whole[key, i] + x.T @ x if (key, i) in whole else x.T @ x
+            hooks.append(block.get_submodule(path).register_forward_pre_hook(keep))
+    with torch.inference_mode():
+        for start in range(0, len(rows), 4):
+            model(input_ids=rows[start:start + 4])
+    recon = fit(convert.open_source(stories260k_hf), rows, progress=False)
+    assert set(recon.grams) == set(whole)
+    assert all(torch.equal(recon.grams[k], whole[k]) for k in whole)
+    files = recon.store.dir
+    assert len(list(files.iterdir())) == 2 * 5
+    del recon
+    assert not files.exists()
 
 
 def test_prune_hf_refits_lowers_the_loss_and_replays(stories260k_hf, scores, tmp_path,

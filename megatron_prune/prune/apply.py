@@ -162,7 +162,7 @@ def reconstruction_for(source, scores: ImportanceScores, target: PruneTarget,
         return None
     log.info("reconstruction: measuring o_proj/down_proj input Grams on %d calibration rows",
              len(rows))
-    return fit(hf_model_from_source(source), rows)
+    return fit(source, rows)
 
 
 def _replayed_reconstruction(source, plan: PrunePlan, plan_file, scores_file,
@@ -175,7 +175,7 @@ def _replayed_reconstruction(source, plan: PrunePlan, plan_file, scores_file,
         raise ConfigError(f"{plan_file} refitted o_proj/down_proj on calibration rows: give the "
                           "--scores file it was planned with to redo that, or "
                           "--no-reconstruct to copy the kept columns")
-    recon = fit(hf_model_from_source(source), rows)
+    recon = fit(source, rows)
     if recon.record() != plan.meta["reconstruct"]:
         raise ConfigError(f"--scores holds other calibration rows than {plan_file} was "
                           f"refitted on ({recon.record()} vs {plan.meta['reconstruct']})")

@@ -11,17 +11,29 @@ the kept columns K can instead be refitted to reproduce the full projection on t
 (docs/benchmarks.md, "Beside the peers"), this is what takes width pruning from unusable to
 merely damaged zero-shot. The Grams come from one forward pass of the unpruned model over the
 calibration rows `importance` stores in the scores file (meta["fit_rows"], scored sequences, not
-the held-out ones `auto` judges its choices on). Memory: one FFN x FFN and one
-(heads * head_dim)^2 fp32 matrix per layer. A writer at TP > 1 fits each tensor once per rank
-file that holds a slice of it (the fit is a small solve beside reading the weights).
+the held-out ones `auto` judges its choices on). A writer at TP > 1 fits each tensor once per
+rank file that holds a slice of it (the fit is a small solve beside reading the weights).
+
+Memory: `fit` streams the source one decoder layer at a time (the calibration rows' hidden
+states, rows x seq x hidden in fp32, pass through each layer in turn), so no whole model is
+built; each Gram (one FFN x FFN and one (heads * head_dim)^2 fp32 matrix per layer, 17.6 GB
+over a 7B model) is written to a temporary file as soon as its layer is done and read back
+memory-mapped, so the kernel pages them in and out as the writer asks for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from megatron_prune.checkpoint import layout
+from megatron_prune.checkpoint.hf_model import llama_config
 
 # plan/layout key -> the HF module whose input is pruned
 PROJECTIONS = {"proj": "self_attn.o_proj", "fc2": "mlp.down_proj"}
@@ -35,6 +47,7 @@ class Reconstruction:
     grams: dict                     # (key, source layer) -> C, fp32 [in, in]
     tokens: int
     ridge: float = RIDGE
+    store: Optional[object] = field(default=None, repr=False, compare=False)  # the grams' files
 
     def record(self) -> dict:
         return {"tokens": self.tokens, "ridge": self.ridge}
@@ -55,31 +68,69 @@ class Reconstruction:
         return torch.linalg.solve(ck, rhs).T                  # (C[K,K] + r I)^-1 C[K,:] W^T
 
 
-def fit(model, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> Reconstruction:
+def fit(source, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> Reconstruction:
     """The input Grams of every layer's o_proj and down_proj over `rows` (token ids), measured on
-    the unpruned HF model."""
-    grams, hooks = {}, []
-
-    def hook(key, layer):
-        def accumulate(module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            g = x.T @ x
-            grams[key, layer] = g if (key, layer) not in grams else grams[key, layer] + g
-        return accumulate
-
-    for i, block in enumerate(model.model.layers):
+    the unpruned `source` (any checkpoint source) one decoder layer at a time."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    cfg = source.config
+    hf_cfg = llama_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"  # what LlamaForCausalLM takes by default
+    emb = source.group(layout.EMBEDDING, None)["model.embed_tokens.weight"].float()
+    hidden = [torch.nn.functional.embedding(rows[i:i + micro_batch], emb)
+              for i in range(0, len(rows), micro_batch)]
+    del emb
+    pos = torch.arange(rows.shape[1])[None]
+    rope = LlamaRotaryEmbedding(config=hf_cfg)(hidden[0], pos)
+    mask = create_causal_mask(config=hf_cfg, inputs_embeds=hidden[0], attention_mask=None,
+                              cache=None, position_ids=pos)
+    store = _GramStore()
+    for layer in tqdm(range(cfg.num_layers), desc="reconstruction: Grams", unit="layer",
+                      disable=not progress):
+        block, hooks, grams = _layer(source, hf_cfg, layer, LlamaDecoderLayer), [], {}
         for key, path in PROJECTIONS.items():
-            hooks.append(block.get_submodule(path).register_forward_pre_hook(hook(key, i)))
-    device = next(model.parameters()).device
-    try:
+            hooks.append(block.get_submodule(path).register_forward_pre_hook(
+                _accumulate(grams, key)))
         with torch.inference_mode():
-            for start in tqdm(range(0, len(rows), micro_batch), desc="reconstruction: Grams",
-                              unit="batch", disable=not progress):
-                model(input_ids=rows[start:start + micro_batch].to(device))
-    finally:
+            hidden = [block(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+                      for h in hidden]
         for h in hooks:
             h.remove()
-    return Reconstruction({k: g.cpu() for k, g in grams.items()}, tokens=rows.numel())
+        for key, g in grams.items():
+            store.put((key, layer), g)
+    return Reconstruction(store.grams, tokens=rows.numel(), store=store)
+
+
+def _layer(source, hf_cfg, layer: int, cls) -> torch.nn.Module:
+    """Decoder layer `layer` of the source, in fp32 (the only layer in memory)."""
+    prefix = f"model.layers.{layer}."
+    with torch.device("meta"):
+        block = cls(hf_cfg, layer)
+    state = {name[len(prefix):]: t.float() for spec in layout.LAYER_SPECS
+             for name, t in source.group(spec, layer).items()}
+    block.load_state_dict(state, strict=True, assign=True)
+    return block.eval()
+
+
+def _accumulate(grams: dict, key: str):
+    def hook(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
+    return hook
+
+
+class _GramStore:
+    """Grams on disk (a temporary directory removed with the store), read back memory-mapped."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="megatron_prune_grams_"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        self.grams = {}
+
+    def put(self, key: tuple, gram: torch.Tensor) -> None:
+        f = self.dir / f"{key[0]}_{key[1]}.pt"
+        torch.save(gram.contiguous(), f)
+        self.grams[key] = torch.load(f, mmap=True, weights_only=True)
 
 
 def fit_rows(scores) -> Optional[torch.Tensor]:
