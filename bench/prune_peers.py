@@ -63,6 +63,8 @@ ABLATIONS = {"H": {"hidden_size": 432}, "A": {"num_attention_heads": 6},
 SHAPES = {**TARGETS, **ABLATIONS}
 NO_RESCALE = "activation-no-rescale"  # activation scores, norms copied (--no-norm-rescale)
 NO_REFIT = "auto-no-reconstruct"      # the default, o_proj/down_proj columns copied (ablation)
+ACT_HEADS = "auto-activation-heads"   # the default with the heads ranked by activation (Taylor
+                                      # heads keep the least context: bench/context_use.py)
 FLAGS = {"hidden_size": "--hidden-size-remain", "num_attention_heads": "--num-attention-heads-remain",
          "num_query_groups": "--num-query-groups-remain", "ffn_hidden_size": "--ffn-hidden-size-remain",
          "num_layers": "--num-layers-remain"}
@@ -168,6 +170,8 @@ def run_ours(out: Path, data: dict, tname: str, method: str, layer_method: str) 
         method, flags = "activation", flags + ["--no-norm-rescale"]
     if method == NO_REFIT:
         method, flags = DEFAULT, flags + ["--no-reconstruct"]
+    if method == ACT_HEADS:
+        method, flags = DEFAULT, flags + ["--auto-criteria", "heads=activation"]
     if "num_layers" in target:
         flags += ["--layer-method", layer_method]
     if method in ("activation", "taylor", DEFAULT):
@@ -301,8 +305,9 @@ def systems_for(tname: str, args) -> list:
     depth = "num_layers" in TARGETS[tname]
     width = any(k != "num_layers" for k in TARGETS[tname])
     rows = [("ours", DEFAULT, DEFAULT if depth else None)]
-    if width:  # what the least-squares refit adds to the default
+    if width:  # what the least-squares refit adds to the default; the default's heads
         rows.append(("ours", NO_REFIT, DEFAULT if depth else None))
+        rows.append(("ours", ACT_HEADS, DEFAULT if depth else None))
     if depth:
         rows += [("ours", "activation", lm) for lm in LAYER_METHODS]
         if not width:

@@ -83,3 +83,32 @@ def test_auto_prune_on_tp2_shards_equals_hf_at_tp2(stories260k_hf, auto_scores, 
     for field in ("keep_layers", "keep_hidden", "keep_groups", "keep_heads", "keep_ffn",
                   "norm_scale"):
         assert getattr(a, field) == getattr(b, field), field
+
+
+def test_auto_criteria_pins_a_dimension_and_chooses_the_rest(stories260k_hf, auto_scores,
+                                                             tmp_path, capsys):
+    """--auto-criteria heads=taylor,ffn=activation: those two are not tried, the others are."""
+    run = ["prune-hf", "--hf-dir", str(stories260k_hf), "--scores", str(auto_scores),
+           "--prune-type", "global", *SHAPE]
+    assert main(run + ["--save", str(tmp_path / "p"),
+                       "--auto-criteria", "heads=taylor,ffn=activation"]) == 0
+    rec = PrunePlan.load(tmp_path / "p" / PLAN_FILE).meta["auto"]
+    assert rec["pinned"] == {"heads": "taylor", "ffn": "activation"}
+    assert rec["choice"]["heads"] == "taylor" and rec["choice"]["ffn"] == "activation"
+    assert rec["trials"][0][0].startswith("heads: taylor, ffn: activation, layers ")
+    assert [t[0] for t in rec["trials"][1:3]] == ["hidden: taylor", "groups: taylor"]
+    assert len(rec["trials"]) == 1 + 2 + 2  # hidden and groups, then the two other layer methods
+    # the pinned heads are Taylor's own ranking
+    s = ImportanceScores.load(auto_scores)
+    plan = PrunePlan.load(tmp_path / "p" / PLAN_FILE)
+    src_layer, group = plan.keep_layers[0], plan.keep_groups[0][0]
+    taylor = s.meta["taylor"]["heads"][src_layer].view(4, 2)[group]
+    assert plan.keep_heads[0][0] == [int(taylor.argmax())]
+    # only with auto scores; a wrong pair is refused by the parser
+    assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--importance", "magnitude",
+                 *SHAPE, "--save", str(tmp_path / "m"), "--auto-criteria", "heads=activation"]) == 2
+    assert not (tmp_path / "m").exists()
+    assert "--auto-criteria goes with auto scores" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(run + ["--save", str(tmp_path / "x"), "--auto-criteria", "layers=taylor"])
+    assert not (tmp_path / "x").exists()

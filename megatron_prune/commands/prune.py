@@ -7,6 +7,7 @@ import json
 from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.megatron import megatron_lm_hint
 from megatron_prune.prune.apply import PLAN_FILE, SizeSearch, prune_hf, prune_megatron
+from megatron_prune.prune.choose import parse_criteria
 from megatron_prune.prune.plan import AUTO_LAYER_METHOD, LAYER_METHODS, PRUNE_TYPES, PruneTarget
 from megatron_prune.prune.search import Budget, SearchLimits, parse_size, table
 
@@ -50,14 +51,18 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "when heads or FFN neurons go and the --scores file holds calibration "
                         "rows (importance stores up to 64 of its sequences), those columns are "
                         "refitted by least squares to reproduce the unpruned projection on "
-                        "them (one forward pass of the unpruned model, built whole in "
-                        "memory, and an FFN x FFN matrix per layer)")
+                        "them (one forward pass of the unpruned model, streamed one layer "
+                        "at a time, and an FFN x FFN matrix per layer in a temporary file)")
     add_size_args(p)
     g = p.add_argument_group("what to keep")
     g.add_argument("--importance", choices=IMPORTANCE, default="random",
                    help="random: seeded random masks; magnitude: weight norms (no data); "
                         "activation/taylor/auto: need --scores from `megatron-prune importance`")
     g.add_argument("--scores", help="scores file from `megatron-prune importance`")
+    g.add_argument("--auto-criteria", type=criteria_arg, metavar="DIM=CRIT[,...]",
+                   help="with auto scores: give the criterion of these width dimensions "
+                        "instead of choosing it by calibration loss, e.g. heads=activation "
+                        "(dimensions hidden, groups, heads, ffn; criteria activation, taylor)")
     g.add_argument("--prune-type", "--prune_type", choices=PRUNE_TYPES, default="balance",
                    dest="prune_type",
                    help="balance: every TP rank keeps the best among its own; global: the best "
@@ -66,6 +71,13 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", help=f"re-apply a saved {PLAN_FILE} instead of planning (with "
                                   "the same --scores when it was reconstructed)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+
+
+def criteria_arg(text: str) -> dict:
+    try:
+        return parse_criteria(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +151,17 @@ def target_from(a) -> PruneTarget:
                        num_query_groups=a.groups, ffn_hidden_size=a.ffn,
                        drop_layers=a.drop_layers, num_layers=a.num_layers,
                        layer_method=a.layer_method, rescale_norms=a.rescale_norms,
-                       reconstruct=a.reconstruct)
+                       reconstruct=a.reconstruct, criteria=_criteria(a.auto_criteria))
+
+
+def _criteria(value) -> "dict | None":
+    """--auto-criteria's dict (from a config file: the same text, or a dict)."""
+    if value is None or isinstance(value, dict):
+        return value or None
+    try:
+        return parse_criteria(value)
+    except ValueError as e:
+        raise ConfigError(f"auto_criteria: {e}") from e
 
 
 def _run_prune(a) -> int:
@@ -217,7 +239,7 @@ CONFIG_KEYS = {
     "layer_method": "layer_method", "importance": "importance", "scores": "scores",
     "prune_type": "prune_type", "seed": "seed", "plan": "plan",
     "tensor_model_parallel_size": "tp", "rescale_norms": "rescale_norms",
-    "reconstruct": "reconstruct",
+    "reconstruct": "reconstruct", "auto_criteria": "auto_criteria",
 }
 
 
@@ -232,7 +254,7 @@ def namespace_from_config(path) -> argparse.Namespace:
     a = argparse.Namespace(hidden=None, heads=None, groups=None, ffn=None, drop_layers=None,
                            num_layers=None, layer_method=AUTO_LAYER_METHOD, importance="random",
                            scores=None, prune_type="balance", seed=1234, plan=None, tp=1,
-                           rescale_norms=True, reconstruct=True)
+                           rescale_norms=True, reconstruct=True, auto_criteria=None)
     for k, v in cfg.items():
         setattr(a, CONFIG_KEYS[k], layer_list(v) if k == "drop_layers" and isinstance(v, str) else v)
     return a

@@ -131,6 +131,9 @@ def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_ty
         plan.check_source(cfg)
         return plan, _replayed_reconstruction(source, plan, plan_file, scores_file, target)
     scores = compute_scores(source, cfg, importance, scores_file, seed)
+    if target.criteria and scores.method != "auto":
+        raise ConfigError(f"--auto-criteria goes with auto scores; {scores_file or importance} "
+                          f"holds {scores.method} scores")
     recon = reconstruction_for(source, scores, target, size)
     if size is not None:
         plan = plan_for_budget(source, size, scores, target, prune_type, tp, pp, seed, recon)
@@ -201,7 +204,8 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
     result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
                     prune_type=prune_type, layer_method=how.layer_method,
                     rescale_norms=how.rescale_norms)
-    winner = result.winner.target(how.layer_method, how.rescale_norms)
+    winner = dataclasses.replace(result.winner.target(how.layer_method, how.rescale_norms),
+                                 criteria=how.criteria)
     if scores.method == "auto" and loss_of is not None:
         plan = choose(cfg, winner, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
     else:

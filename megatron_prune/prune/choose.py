@@ -13,9 +13,10 @@ the prune decides per target:
   are fitted to the scored sequences, and judged on those same sequences they would have an
   in-sample advantage over activation scores. (On SmolLM2 every choice came out the same
   either way, docs/benchmarks.md.) `combine` alone, from the API, keeps the first scored ones.
-* `choose`: start from activation everywhere; for each dimension the target shrinks (hidden, KV
-  groups, heads within groups, FFN), then for the layer method when layers go, try the other
-  candidates in turn and keep a change that lowers the calibration loss of the pruned model
+* `choose`: start from activation everywhere (or the criterion `--auto-criteria` pins for a
+  dimension); for each other dimension the target shrinks (hidden, KV groups, heads within
+  groups, FFN), then for the layer method when layers go, try the other candidates in turn and
+  keep a change that lowers the calibration loss of the pruned model
   (built in memory, with o_proj / down_proj refitted as the written model will be,
   prune/reconstruct.py). That is 1 + (dimensions) + (other layer methods) loss evaluations.
 """
@@ -58,6 +59,18 @@ def with_choice(scores: ImportanceScores, choice: dict) -> ImportanceScores:
     return dataclasses.replace(scores, **fields)
 
 
+def parse_criteria(text: str) -> dict:
+    """`heads=activation,ffn=taylor` -> {"heads": "activation", "ffn": "taylor"}."""
+    out = {}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        axis, _, crit = item.partition("=")
+        if axis not in WIDTH_AXES or crit not in CRITERIA:
+            raise ValueError(f"expected DIMENSION=CRITERION with DIMENSION in {WIDTH_AXES} and "
+                             f"CRITERION in {CRITERIA}, got {item!r}")
+        out[axis] = crit
+    return out
+
+
 def shrunk_axes(cfg: ModelConfig, t: PruneTarget) -> list:
     """The width dimensions the target makes smaller, in the order they are decided."""
     heads = t.num_attention_heads or cfg.num_attention_heads
@@ -84,11 +97,13 @@ def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
            **plan_kw) -> Tuple[PrunePlan, dict]:
     """The plan of the best criteria found for `target` (auto scores), and the record of every
     trial: {"choice": {dimension: criterion, "layers": method}, "trials": [[what, loss]]}."""
-    choice = {axis: "activation" for axis in shrunk_axes(cfg, target)}
+    pinned = target.criteria or {}
+    choice = {axis: pinned.get(axis, "activation") for axis in shrunk_axes(cfg, target)}
+    free = [axis for axis in choice if axis not in pinned]
     methods = layer_methods(cfg, target, scores)
     how = dataclasses.replace(target, layer_method=methods[0] if methods else "block-influence")
 
-    bar = tqdm(total=1 + len(choice) * (len(CRITERIA) - 1) + max(0, len(methods) - 1),
+    bar = tqdm(total=1 + len(free) * (len(CRITERIA) - 1) + max(0, len(methods) - 1),
                desc="auto importance: calibration loss", unit="trial", disable=not progress)
 
     def trial(ch: dict, t: PruneTarget) -> Tuple[PrunePlan, float]:
@@ -97,8 +112,9 @@ def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
         bar.update()
         return plan, loss
     best_plan, best = trial(choice, how)
-    trials = [["activation" + (f", layers {how.layer_method}" if methods else ""), best]]
-    for axis in list(choice):
+    start = ", ".join(f"{a}: {c}" for a, c in pinned.items() if a in choice) or "activation"
+    trials = [[start + (f", layers {how.layer_method}" if methods else ""), best]]
+    for axis in free:
         for crit in CRITERIA[1:]:
             plan, loss = trial({**choice, axis: crit}, how)
             trials.append([f"{axis}: {crit}", loss])
@@ -113,7 +129,8 @@ def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
     bar.close()
     if methods:
         choice["layers"] = how.layer_method
-    record = {"choice": choice, "loss": best, "trials": trials}
+    record = {"choice": choice, "loss": best, "trials": trials,
+              **({"pinned": dict(pinned)} if pinned else {})}
     log.info("auto importance chose %s (calibration loss %.4f)", choice, best)
     best_plan.method = "auto"
     best_plan.meta["auto"] = record

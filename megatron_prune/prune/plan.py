@@ -42,6 +42,9 @@ class PruneTarget:
     rescale_norms: bool = True
     # refit o_proj / down_proj on the kept inputs (prune/reconstruct.py; needs scores with rows)
     reconstruct: bool = True
+    # with auto scores: width dimensions whose criterion is given, not chosen by calibration
+    # loss, e.g. {"heads": "activation"} (prune/choose.py)
+    criteria: Optional[dict] = None
 
 
 @dataclass
