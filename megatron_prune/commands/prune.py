@@ -155,9 +155,11 @@ def target_from(a) -> PruneTarget:
 
 
 def _criteria(value) -> "dict | None":
-    """--auto-criteria's dict (from a config file: the same text, or a dict)."""
-    if value is None or isinstance(value, dict):
-        return value or None
+    """--auto-criteria's dict (from a config file: the same text, or a dict), checked."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
     try:
         return parse_criteria(value)
     except ValueError as e:
