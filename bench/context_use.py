@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=[], help="HF model directories")
     p.add_argument("--bucket", type=int, default=32, help="positions per column")
     p.add_argument("--criteria-at", choices=list(SHAPES), help="also that target with each "
-                   "criterion for heads and FFN, built from --teacher")
+                   "criterion for heads and FFN, built from --teacher (layers, where the "
+                   "target drops some, by Block Influence)")
     p.add_argument("--teacher", help="the unpruned HF model the scores were measured on")
     args = p.parse_args(argv)
     if args.criteria_at and not args.teacher:
