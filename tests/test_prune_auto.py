@@ -112,3 +112,15 @@ def test_auto_criteria_pins_a_dimension_and_chooses_the_rest(stories260k_hf, aut
     with pytest.raises(SystemExit):
         main(run + ["--save", str(tmp_path / "x"), "--auto-criteria", "layers=taylor"])
     assert not (tmp_path / "x").exists()
+
+
+def test_size_search_keeps_the_pinned_criteria(stories260k_hf, auto_scores, tmp_path):
+    """With a size budget the search picks the shape, then auto chooses its criteria, keeping
+    the pinned one."""
+    budget = str(int(load_hf_model(stories260k_hf).num_parameters() * 0.7))
+    assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "p"),
+                 "--scores", str(auto_scores), "--target-params", budget,
+                 "--budget-tolerance", "0.05", "--auto-criteria", "hidden=taylor"]) == 0
+    plan = PrunePlan.load(tmp_path / "p" / PLAN_FILE)
+    assert "search" in plan.meta and plan.meta["auto"]["pinned"] == {"hidden": "taylor"}
+    assert all(not t[0].startswith("hidden:") for t in plan.meta["auto"]["trials"])
