@@ -71,7 +71,6 @@ class Reconstruction:
 def fit(source, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> Reconstruction:
     """The input Grams of every layer's o_proj and down_proj over `rows` (token ids), measured on
     the unpruned `source` (any checkpoint source) one decoder layer at a time."""
-    from transformers.masking_utils import create_causal_mask
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     cfg = source.config
     hf_cfg = llama_config(cfg)
@@ -82,8 +81,10 @@ def fit(source, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True)
     del emb
     pos = torch.arange(rows.shape[1])[None]
     rope = LlamaRotaryEmbedding(config=hf_cfg)(hidden[0], pos)
-    mask = create_causal_mask(config=hf_cfg, inputs_embeds=hidden[0], attention_mask=None,
-                              cache=None, position_ids=pos)
+    # No mask: with no padding the whole model's create_causal_mask returns None for sdpa too
+    # (its causal skip), and sdpa then attends causally. Calling it ourselves would tie us to one
+    # transformers release: its arguments changed between 4.5x and 5.x.
+    mask = None
     store = _GramStore()
     for layer in tqdm(range(cfg.num_layers), desc="reconstruction: Grams", unit="layer",
                       disable=not progress):
