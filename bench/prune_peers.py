@@ -65,6 +65,10 @@ NO_RESCALE = "activation-no-rescale"  # activation scores, norms copied (--no-no
 NO_REFIT = "auto-no-reconstruct"      # the default, o_proj/down_proj columns copied (ablation)
 ACT_HEADS = "auto-activation-heads"   # the default with the heads ranked by activation (Taylor
                                       # heads keep the least context: bench/context_use.py)
+# Before distillation (measured on the GPU at WD): the refit and the calibration-loss choices win
+# zero-shot but recover worse out of the training domain, so these are pruned for recovery too.
+ACT_NO_REFIT = "activation-no-reconstruct"
+ACT_NO_REFIT_NO_RESCALE = "activation-no-reconstruct-no-rescale"
 FLAGS = {"hidden_size": "--hidden-size-remain", "num_attention_heads": "--num-attention-heads-remain",
          "num_query_groups": "--num-query-groups-remain", "ffn_hidden_size": "--ffn-hidden-size-remain",
          "num_layers": "--num-layers-remain"}
@@ -72,7 +76,9 @@ WIDTH_METHODS = ("activation", "taylor", "magnitude", "random")
 DEFAULT = "auto"  # importance's default: activation + taylor, chosen per dimension by prune
 VARIANTS = {NO_RESCALE: ("activation", ["--no-norm-rescale"]),  # name -> (scores, flags)
             NO_REFIT: (DEFAULT, ["--no-reconstruct"]),
-            ACT_HEADS: (DEFAULT, ["--auto-criteria", "heads=activation"])}
+            ACT_HEADS: (DEFAULT, ["--auto-criteria", "heads=activation"]),
+            ACT_NO_REFIT: ("activation", ["--no-reconstruct"]),
+            ACT_NO_REFIT_NO_RESCALE: ("activation", ["--no-reconstruct", "--no-norm-rescale"])}
 LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
 CALIB_BOOK_CHARS = (20_000, 22_000)  # one ~450-token excerpt of each training book
 
@@ -309,7 +315,9 @@ def systems_for(tname: str, args) -> list:
         rows.append(("ours", ACT_HEADS, DEFAULT if depth else None))
     if depth:
         rows += [("ours", "activation", lm) for lm in LAYER_METHODS]
-        if not width:
+        if width:  # Minitron's choices with our aggregation: what the refit and rescale do
+            rows += [("ours", m, "block-influence") for m in (ACT_NO_REFIT, ACT_NO_REFIT_NO_RESCALE)]
+        else:
             rows.append(("ours", "random", "block-influence"))
     else:
         rows += [("ours", m, None) for m in WIDTH_METHODS]
