@@ -244,13 +244,19 @@ def report(gpu: Path) -> str:
 
 
 def recovery_goals(rows: list) -> list:
-    """After equal-token distillation at WD: ours at or below the best peer on every set."""
+    """After equal-token distillation at WD: ours (each system's model of lowest calibration
+    loss) at or below the best peer on every set; then each named model of ours (a diagnosis,
+    `--models`) against the same peers, labelled with its name."""
     after = {r["system"]: r["after"] for r in rows}
-    ours = after.pop("ours", None)
-    if ours is None or not after:
+    peers = {s: e for s, e in after.items() if not s.startswith("ours")}
+    if not peers:
         return []
-    return (["| goal | measured | met |", "|---|---|---|"]
-            + pp.beside_best_peer("WD after distillation: ours", ours, after))
+    out = ["| goal | measured | met |", "|---|---|---|"]
+    if "ours" in after:
+        out += pp.beside_best_peer("WD after distillation: ours", after["ours"], peers)
+    for s in sorted(s for s in after if s.startswith("ours-")):
+        out += pp.beside_best_peer(f"WD after distillation: {s} (diagnosis)", after[s], peers)
+    return out
 
 
 def _write(res: dict, name: str, args) -> None:

@@ -55,3 +55,20 @@ def test_report_passes_the_verdict_rule():
     assert verdicts.check_section(section, "peers") == []
     assert "134.80 vs 144.80: 6.9% below" in "\n".join(section)
     assert pp.change(146.0, 144.8) == "+0.8%"
+
+
+def test_recovery_goals_keep_named_models_of_ours_out_of_the_peers():
+    import prune_peers_gpu as gpu
+    rows = [{"system": "ours", "after": _eval(173.2, 1639.0, 73.0, 0.030)},
+            {"system": "minitron", "after": _eval(160.6, 869.2, 75.4, 0.075)},
+            {"system": "ours-activation-no-reconstruct-block-influence",
+             "after": _eval(159.4, 882.8, 74.8, 0.062)}]
+    cells = [[c.strip() for c in line.strip("|").split("|")]
+             for line in gpu.recovery_goals(rows)[2:]]
+    met = {c[0]: c[-1] for c in cells}
+    # the diagnosis model is not "the best peer" of the default, and gets rows of its own
+    assert met["WD after distillation: ours at or below the best peer (minitron), "
+               "held-out C4 ppl"] == "no"
+    assert met["WD after distillation: ours-activation-no-reconstruct-block-influence "
+               "(diagnosis) at or below the best peer (minitron), held-out C4 ppl"] == "yes"
+    assert len(met) == 8 and not any("peer (ours" in k for k in met)
