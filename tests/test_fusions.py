@@ -269,6 +269,9 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
+ITERS = 4  # past the 2 warm-up iterations (suite time: each costs ~4 s of Triton's interpreter)
+
+
 def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path):
     """A real 1-process gloo training run (stories260K, fp32, 4 micro-batches of accumulation)
     with every fusion on — megatron's linear layers with gradient_accumulation_fusion through the
@@ -281,24 +284,25 @@ def test_training_with_fusions_equals_without(stories_tp1, shakespeare, tmp_path
     for name, extra in (("off", ["--no-fused-kernels"]), ("on", [])):
         proc = ok(subprocess.run(
             [sys.executable, str(script), *map(str, common(stories_tp1, shakespeare, tmp_path,
-                                                            name)), *extra],
+                                                            name, iters=ITERS)), *extra],
             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300))
         stats[name] = json.loads(proc.stdout.split("FUSIONS ", 1)[1].splitlines()[0])
     assert stats["off"]["calls"] == {}
-    # 6 iterations x 4 micro-batches through 5 layers: q and k, 2 norms + the final one,
+    # ITERS iterations x 4 micro-batches through 5 layers: q and k, 2 norms + the final one,
     # 4 linear layers' weight gradients, one SwiGLU backward (Triton's CPU interpreter here)
-    assert stats["on"]["calls"] == {"rope": 6 * 4 * 5 * 2, "rms_norm": 6 * 4 * 11,
-                                    "wgrad": 6 * 4 * 5 * 4, "swiglu_backward": 6 * 4 * 5}
+    n = ITERS * 4
+    assert stats["on"]["calls"] == {"rope": n * 5 * 2, "rms_norm": n * 11, "wgrad": n * 5 * 4,
+                                    "swiglu_backward": n * 5}
     assert stats["on"]["compiled"] == {"rope": "ok", "rms_norm": "ok", "swiglu_backward": "ok",
                                        "loss_stats": "ok", "loss_sums": "ok", "loss_grad": "ok"}
     assert set(stats["off"]["compiled"].values()) == {"new"}  # the eager loss passes
     off, on = records(tmp_path / "off.jsonl"), records(tmp_path / "on.jsonl")
-    assert len(off) == len(on) == 6
+    assert len(off) == len(on) == ITERS
     for a, b in zip(off, on):
         assert a["batch_checksum"] == b["batch_checksum"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    assert on[-1]["loss"] < on[0]["loss"] - 0.3
+    assert on[-1]["loss"] < on[0]["loss"] - 0.1  # it trains
 
 
 def test_no_fused_kernels_flag():

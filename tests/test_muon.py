@@ -190,16 +190,18 @@ def test_muon_trains_and_differs_from_adamw(muon_run, stories_tp1, shakespeare, 
     assert recs[-1]["loss"] != pytest.approx(adam[-1]["loss"], rel=1e-3)
 
 
-def test_muon_tp2_and_dp2_match_single_process(muon_run, stories_tp1, shakespeare, tmp_path):
+@pytest.mark.parametrize("name, nproc, flags", [
+    ("tp2", 2, ["--tensor-model-parallel-size", 2]),
+    pytest.param("dp2", 2, [], marks=pytest.mark.slow),  # (suite time: TP=2 runs by default)
+    pytest.param("tp2dp2", 4, ["--tensor-model-parallel-size", 2], marks=pytest.mark.slow)])
+def test_muon_tp2_and_dp2_match_single_process(muon_run, stories_tp1, shakespeare, tmp_path,
+                                               name, nproc, flags):
     """TP=2 gathers each sharded update, orthogonalizes the whole matrix (q, k, v apart) and
     keeps its block: the curve is the 1-process one. DP=2 splits the orthogonalizations
     between its ranks and broadcasts the updates; TP=2 x DP=2 does both."""
     base = records(muon_run / "base.jsonl")
-    for name, nproc, flags in (("tp2", 2, ["--tensor-model-parallel-size", 2]),
-                               ("dp2", 2, []),
-                               ("tp2dp2", 4, ["--tensor-model-parallel-size", 2])):
-        ok(run_train(nproc, *common(stories_tp1, shakespeare, tmp_path, name), *MUON, *flags))
-        assert_same_curve(base, records(tmp_path / f"{name}.jsonl"))
+    ok(run_train(nproc, *common(stories_tp1, shakespeare, tmp_path, name), *MUON, *flags))
+    assert_same_curve(base, records(tmp_path / f"{name}.jsonl"))
 
 
 def test_muon_resume_reproduces_uninterrupted_run(muon_run, stories_tp1, shakespeare, tmp_path):

@@ -405,7 +405,12 @@ def test_hidden_state_kd_refuses_what_it_cannot_do(stories_tp1, shakespeare, tmp
         assert proc.returncode == 2 and msg in proc.stderr, (flags, proc.stderr[-2000:])
 
 
-def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
+@pytest.mark.parametrize("run, nproc, flags", [
+    ("pp2", 2, ["--pipeline-model-parallel-size", 2]),
+    pytest.param("tp2pp2", 4, ["--pipeline-model-parallel-size", 2,
+                               "--tensor-model-parallel-size", 2],
+                 marks=pytest.mark.slow)])  # (suite time: TP=2 alone is its own test)
+def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path, run, nproc, flags):
     """Hidden-state distillation at PP=2, and at TP=2 x PP=2 (the teacher's stages cut to
     match the student's, the first stage's part of the loss backpropagated through the
     activation it sends on), trains as at PP=1: the same losses, hidden loss and grad norms,
@@ -416,20 +421,15 @@ def test_hidden_state_kd_pp2_matches_pp1(stories_tp1, shakespeare, tmp_path):
                                                                   drop_layers=[2]), seed=0)
     kd = ["--teacher", stories_tp1, "--kd-hidden-weight", 0.5, "--kd-alpha", 0.8]
     ok(run_train(1, *common(tmp_path / "student", shakespeare, tmp_path, "pp1"), *kd))
-    proc = ok(run_train(2, *common(tmp_path / "student", shakespeare, tmp_path, "pp2"), *kd,
-                        "--pipeline-model-parallel-size", 2))
+    proc = ok(run_train(nproc, *common(tmp_path / "student", shakespeare, tmp_path, run), *kd,
+                        *flags, timeout=300))
     # student layers 0, 1 | 2, 3 are teacher layers 0, 1 | 3, 4: its stages hold 2 | 3
     assert "teacher stages of [2, 3] layers" in proc.stdout, proc.stdout[-2000:]
-    ok(run_train(4, *common(tmp_path / "student", shakespeare, tmp_path, "tp2pp2"), *kd,
-                 "--pipeline-model-parallel-size", 2, "--tensor-model-parallel-size", 2,
-                 timeout=300))
-    a = records(tmp_path / "pp1.jsonl")
+    a, b = records(tmp_path / "pp1.jsonl"), records(tmp_path / f"{run}.jsonl")
     assert a[0]["hidden_loss"] > 1e-3
-    for run in ("pp2", "tp2pp2"):
-        b = records(tmp_path / f"{run}.jsonl")
-        assert_same_curve(a, b)
-        for ra, rb in zip(a, b):
-            assert rb["hidden_loss"] == pytest.approx(ra["hidden_loss"], rel=1e-5), run
+    assert_same_curve(a, b)
+    for ra, rb in zip(a, b):
+        assert rb["hidden_loss"] == pytest.approx(ra["hidden_loss"], rel=1e-5), run
 
 
 def test_teacher_stages_for_hidden_state_kd():
