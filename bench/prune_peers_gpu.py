@@ -184,7 +184,7 @@ def stage_recover(args) -> None:
             key = min((k for k in rows if k.startswith(f"WD__{system}")),
                       key=lambda k: rows[k]["eval"]["calib_loss"])
         res["rows"] = [r for r in res["rows"] if r["system"] != system] + [
-            {"system": system, "model": key, "before": rows[key]["eval"],
+            {"system": system, "model": key, "commit": res["commit"], "before": rows[key]["eval"],
              **distill(work, data, key, build(work, data, rows[key], plans), args)}]
         _write(res, "gpu_recover.json", args)
         print(json.dumps(res["rows"][-1]), flush=True)
@@ -234,11 +234,12 @@ def report(gpu: Path) -> str:
     if rec.is_file():
         rc = json.loads(rec.read_text())
         lines += ["", f"Distillation on {rc['device']}: {json.dumps(rc['settings'])}", "",
-                  f"| system | model | when | {EVAL_HEAD} | train s |", "|---" * 10 + "|"]
-        for r in rc["rows"]:
-            lines.append(f"| {r['system']} | {r['model']} | before | {_cells(r['before'])} | |")
-            lines.append(f"| {r['system']} | {r['model']} | after | {_cells(r['after'])} | "
-                         f"{r['train']['wall_s']} |")
+                  f"| system | when | {EVAL_HEAD} | train s | bench commit |", "|---" * 10 + "|"]
+        for r in rc["rows"]:  # (rows of calls at other commits, same settings, keep their own)
+            commit = r.get("commit", rc["commit"])
+            lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | {commit} |")
+            lines.append(f"| {r['system']} | after | {_cells(r['after'])} | "
+                         f"{r['train']['wall_s']} | {commit} |")
         lines += [""] + recovery_goals(rc["rows"])
     return "\n".join(lines) + "\n"
 
