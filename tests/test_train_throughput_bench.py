@@ -14,6 +14,7 @@ pytest.importorskip("megatron.core")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a GPU benchmark's CPU smoke run (suite time)
 def test_accum_only_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--smoke", "--accum-only",
