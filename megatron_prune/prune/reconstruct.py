@@ -83,7 +83,7 @@ def fit(source, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True)
     rope = LlamaRotaryEmbedding(config=hf_cfg)(hidden[0], pos)
     # No mask: with no padding the whole model's create_causal_mask returns None for sdpa too
     # (its causal skip), and sdpa then attends causally. Calling it ourselves would tie us to one
-    # transformers release: its arguments changed between 4.5x and 5.x.
+    # transformers release: 5.17 refuses the `cache` argument 5.25 requires.
     mask = None
     store = _GramStore()
     for layer in tqdm(range(cfg.num_layers), desc="reconstruction: Grams", unit="layer",
