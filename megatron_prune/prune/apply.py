@@ -21,11 +21,11 @@ from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.checkpoint.convert import HFSource, open_source, write_hf, write_megatron
 from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
-from megatron_prune.checkpoint.hf_model import hf_model_from_source
 from megatron_prune.prune.choose import calibration_rows, choose, shrunk_axes
-from megatron_prune.prune.importance_hf import METHODS as DATA_METHODS, mean_loss
+from megatron_prune.prune.importance_hf import METHODS as DATA_METHODS
 from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
 from megatron_prune.prune.reconstruct import PROJECTIONS, Reconstruction, fit, fit_rows
+from megatron_prune.prune.stream import LayerStream
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
 from megatron_prune.prune.search import Budget, SearchLimits, search
 
@@ -216,11 +216,11 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
 
 def _calibration_loss(source, batches: torch.Tensor, micro_batch: int,
                       recon: Optional[Reconstruction] = None):
-    """plan -> the mean LM loss of the source pruned by it (built in memory) on the batches."""
+    """plan -> the mean LM loss of the source pruned by it on the batches, one pruned decoder
+    layer at a time (never the whole candidate model: it would be fp32)."""
     def loss_of(plan: PrunePlan) -> float:
-        model = hf_model_from_source(PrunedSource(source, plan, recon))
-        with torch.inference_mode():
-            return mean_loss(model, batches, micro_batch)
+        stream = LayerStream(PrunedSource(source, plan, recon), batches, micro_batch)
+        return stream.run(progress=False).mean_loss()
     return loss_of
 
 

@@ -14,7 +14,7 @@ calibration rows `importance` stores in the scores file (meta["fit_rows"], score
 the held-out ones `auto` judges its choices on). A writer at TP > 1 fits each tensor once per
 rank file that holds a slice of it (the fit is a small solve beside reading the weights).
 
-Memory: `fit` streams the source one decoder layer at a time (the calibration rows' hidden
+Memory: `fit` streams the source one decoder layer at a time (prune/stream.py: the rows' hidden
 states, rows x seq x hidden in fp32, pass through each layer in turn), so no whole model is
 built; each Gram (one FFN x FFN and one (heads * head_dim)^2 fp32 matrix per layer, 17.6 GB
 over a 7B model) is written to a temporary file as soon as its layer is done and read back
@@ -30,10 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
-
-from megatron_prune.checkpoint import layout
-from megatron_prune.checkpoint.hf_model import llama_config
+from megatron_prune.prune.stream import LayerStream
 
 # plan/layout key -> the HF module whose input is pruned
 PROJECTIONS = {"proj": "self_attn.o_proj", "fc2": "mlp.down_proj"}
@@ -71,46 +68,22 @@ class Reconstruction:
 def fit(source, rows: torch.Tensor, micro_batch: int = 4, progress: bool = True) -> Reconstruction:
     """The input Grams of every layer's o_proj and down_proj over `rows` (token ids), measured on
     the unpruned `source` (any checkpoint source) one decoder layer at a time."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-    cfg = source.config
-    hf_cfg = llama_config(cfg)
-    hf_cfg._attn_implementation = "sdpa"  # what LlamaForCausalLM takes by default
-    emb = source.group(layout.EMBEDDING, None)["model.embed_tokens.weight"].float()
-    hidden = [torch.nn.functional.embedding(rows[i:i + micro_batch], emb)
-              for i in range(0, len(rows), micro_batch)]
-    del emb
-    pos = torch.arange(rows.shape[1])[None]
-    rope = LlamaRotaryEmbedding(config=hf_cfg)(hidden[0], pos)
-    # No mask: with no padding the whole model's create_causal_mask returns None for sdpa too
-    # (its causal skip), and sdpa then attends causally. Calling it ourselves would tie us to one
-    # transformers release: 5.17 refuses the `cache` argument 5.25 requires.
-    mask = None
     store = _GramStore()
-    for layer in tqdm(range(cfg.num_layers), desc="reconstruction: Grams", unit="layer",
-                      disable=not progress):
-        block, hooks, grams = _layer(source, hf_cfg, layer, LlamaDecoderLayer), [], {}
-        for key, path in PROJECTIONS.items():
-            hooks.append(block.get_submodule(path).register_forward_pre_hook(
-                _accumulate(grams, key)))
-        with torch.inference_mode():
-            hidden = [block(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
-                      for h in hidden]
-        for h in hooks:
-            h.remove()
-        for key, g in grams.items():
-            store.put((key, layer), g)
+
+    def measure(layer: int, block: torch.nn.Module):
+        grams = {}
+        hooks = [block.get_submodule(path).register_forward_pre_hook(_accumulate(grams, key))
+                 for key, path in PROJECTIONS.items()]
+
+        def done():
+            for h in hooks:
+                h.remove()
+            for key, g in grams.items():
+                store.put((key, layer), g)
+        return done
+
+    LayerStream(source, rows, micro_batch).run("reconstruction: Grams", progress, measure)
     return Reconstruction(store.grams, tokens=rows.numel(), store=store)
-
-
-def _layer(source, hf_cfg, layer: int, cls) -> torch.nn.Module:
-    """Decoder layer `layer` of the source, in fp32 (the only layer in memory)."""
-    prefix = f"model.layers.{layer}."
-    with torch.device("meta"):
-        block = cls(hf_cfg, layer)
-    state = {name[len(prefix):]: t.float() for spec in layout.LAYER_SPECS
-             for name, t in source.group(spec, layer).items()}
-    block.load_state_dict(state, strict=True, assign=True)
-    return block.eval()
 
 
 def _accumulate(grams: dict, key: str):
