@@ -69,7 +69,7 @@ class LayerStream:
         with torch.inference_mode():
             for h, ids in zip(self.hidden, self._batches()):
                 logits = torch.nn.functional.linear(norm(h), out)
-                total += ForCausalLMLoss(logits, ids, cfg.vocab_size).double() * len(ids)
+                total += ForCausalLMLoss(logits, ids, self.hf_cfg.vocab_size).double() * len(ids)
         return float(total) / len(self.rows)
 
     def _batches(self):
