@@ -1,6 +1,6 @@
-"""What two prune plans of the same model keep differently (docs/benchmarks.md, TP=3 `balance`
-against `global`): for each kept dimension whether the plans agree, and how many kept FFN
-neurons differ, in all and at most in one layer.
+"""What two prune plans of the same model keep differently (docs/benchmarks.md: TP=3 `balance`
+against `global`, ours against Minitron's): per dimension, how many of the kept units one plan
+keeps and the other does not, in all and at most in one layer.
 
     python bench/plan_diff.py /tmp/peers/models/W/ours-activation-tp3-balance/prune_plan.json \\
         /tmp/peers/models/W/ours-activation/prune_plan.json
@@ -17,13 +17,25 @@ from megatron_prune.prune.plan import PrunePlan  # noqa: E402
 
 
 def plan_diff(a: PrunePlan, b: PrunePlan) -> dict:
-    """Per field: equal or not; for keep_ffn the neurons one plan keeps and the other does not."""
-    out = {f: getattr(a, f) == getattr(b, f)
-           for f in ("keep_layers", "keep_hidden", "keep_groups", "keep_heads")}
-    moved = [len(set(x) - set(y)) for x, y in zip(a.keep_ffn, b.keep_ffn)]
-    kept = sum(map(len, a.keep_ffn))
-    out.update(ffn_differ=sum(moved), ffn_kept=kept, ffn_max_in_a_layer=max(moved),
-               layers_differ=sum(m > 0 for m in moved))
+    """What one plan keeps and the other does not, as sets (a peer's plan, from as_plan.py, may
+    list the same channels in another order): layers, hidden channels, and per source layer
+    both keep, KV groups, heads (source head indices) and FFN neurons."""
+    def only_a(x, y) -> int:
+        return len(set(x) - set(y))
+
+    def by_layer(plan: PrunePlan, units) -> dict:
+        return {src: units(plan, i) for i, src in enumerate(plan.keep_layers)}
+    out = {"layers_differ": only_a(a.keep_layers, b.keep_layers),
+           "hidden_differ": only_a(a.keep_hidden, b.keep_hidden)}
+    for name, units in (("groups", lambda p, i: p.keep_groups[i]),
+                        ("heads", lambda p, i: p.head_order(i)),
+                        ("ffn", lambda p, i: p.keep_ffn[i])):
+        ua, ub = by_layer(a, units), by_layer(b, units)
+        moved = [only_a(ua[src], ub[src]) for src in ua if src in ub]
+        out[f"{name}_differ"] = sum(moved)
+        out[f"{name}_kept"] = sum(len(ua[src]) for src in ua if src in ub)
+        out[f"{name}_max_in_a_layer"] = max(moved, default=0)
+    out["hidden_kept"] = len(a.keep_hidden)
     return out
 
 
@@ -34,8 +46,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     d = plan_diff(PrunePlan.load(args.a), PrunePlan.load(args.b))
     print(" ".join(f"{k}={v}" for k, v in d.items()))
-    print(f"FFN neurons kept by one plan only: {d['ffn_differ']} of {d['ffn_kept']} "
-          f"({100 * d['ffn_differ'] / d['ffn_kept']:.1f}%)")
+    for name in ("hidden", "groups", "heads", "ffn"):
+        print(f"{name} kept by the first plan only: {d[f'{name}_differ']} of {d[f'{name}_kept']}")
     return 0
 
 

@@ -92,7 +92,7 @@ def pack(bench: Path, dev: Path) -> None:
     train_books, held = split_holdout(books, 5)  # the same five prune_peers holds out
     pp.write_jsonl(ev / "books.jsonl", [text[:BOOK_CHARS] for _, text in held])
     texts = pp.c4_docs(range(200, 1000))
-    size = sum(map(len, texts))
+    size = c4_chars = sum(map(len, texts))
     for _, text in train_books:
         if size >= TRAIN_TEXT_CHARS:
             break
@@ -102,6 +102,7 @@ def pack(bench: Path, dev: Path) -> None:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     print(f"packed {len(index)} models and {size / 1e6:.1f}M characters of training text "
+          f"({100 * c4_chars / size:.1f}% C4-sample documents, the rest training books) "
           f"into {dev}")
 
 
@@ -205,6 +206,7 @@ def distill(work: Path, data: dict, key: str, hf: Path, args) -> dict:
         cmd.append("--bf16")
     shutil.rmtree(kd, ignore_errors=True)
     cost = pp.timed(cmd, work / f"{key}_kd.log")
+    shutil.copy2(work / f"{key}_kd.jsonl", Path(args.out) / f"{key}_kd.jsonl")  # for the report
     cli("megatron-to-hf", "--load", kd, "--save", work / f"{key}_kd_hf", "--force",
         log=work / f"{key}_export.log")
     return {"train": cost, "after": pp.evaluate(str(work / f"{key}_kd_hf"), data, args)}
@@ -234,14 +236,27 @@ def report(gpu: Path) -> str:
     if rec.is_file():
         rc = json.loads(rec.read_text())
         lines += ["", f"Distillation on {rc['device']}: {json.dumps(rc['settings'])}", "",
-                  f"| system | when | {EVAL_HEAD} | train s | bench commit |", "|---" * 10 + "|"]
+                  f"| system | when | {EVAL_HEAD} | train s | KD loss, last {KD_TAIL} "
+                  "iterations | bench commit |", "|---" * 11 + "|"]
         for r in rc["rows"]:  # (rows of calls at other commits, same settings, keep their own)
-            commit = r.get("commit", rc["commit"])
-            lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | {commit} |")
+            commit, kd = r.get("commit", rc["commit"]), _kd_tail(gpu / f"{r['model']}_kd.jsonl")
+            lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | | {commit} |")
             lines.append(f"| {r['system']} | after | {_cells(r['after'])} | "
-                         f"{r['train']['wall_s']} | {commit} |")
+                         f"{r['train']['wall_s']} | {kd} | {commit} |")
         lines += [""] + recovery_goals(rc["rows"])
     return "\n".join(lines) + "\n"
+
+
+KD_TAIL = 16  # iterations: the distillation loss on the training text at the end
+
+
+def _kd_tail(log: Path) -> str:
+    """The mean distillation loss of a run's last KD_TAIL iterations (its --log-json, which the
+    recover stage copies beside gpu_recover.json); blank without the log."""
+    if not log.is_file():
+        return ""
+    kd = [json.loads(line)["kd_loss"] for line in log.read_text().splitlines() if line.strip()]
+    return f"{sum(kd[-KD_TAIL:]) / len(kd[-KD_TAIL:]):.3f}"
 
 
 def recovery_goals(rows: list) -> list:

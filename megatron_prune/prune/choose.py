@@ -16,9 +16,9 @@ the prune decides per target:
 * `choose`: start from activation everywhere (or the criterion `--auto-criteria` pins for a
   dimension); for each other dimension the target shrinks (hidden, KV groups, heads within
   groups, FFN), then for the layer method when layers go, try the other candidates in turn and
-  keep a change that lowers the calibration loss of the pruned model
-  (streamed one pruned layer at a time, prune/stream.py, with o_proj / down_proj refitted as
-  the written model will be, prune/reconstruct.py). That is 1 + (dimensions) + (other layer methods) loss evaluations.
+  keep a change that lowers the calibration loss of the pruned model (streamed one pruned
+  layer at a time, prune/stream.py, with o_proj / down_proj refitted as the written model will
+  be, prune/reconstruct.py). That is 1 + (dimensions) + (other layer methods) loss evaluations.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ Users think in sizes ("this 8B as a 4B", "fits in 6 GiB"), not in five dimension
 Every candidate gets a cheap proxy from the importance scores already computed: the log of the
 share of importance each dimension keeps (hidden channels, KV groups, heads inside groups, FFN
 neurons, layers), summed. The `keep` best by proxy are then pruned (one layer at a time,
-prune/stream.py) and scored by their calibration loss on a few batches; the lowest loss wins. Nothing here writes; `plan_for_budget`
-returns the winner's plan with the whole search recorded in `plan.meta["search"]`.
+prune/stream.py) and scored by their calibration loss on a few batches; the lowest loss wins.
+Nothing here writes; `plan_for_budget` returns the winner's plan with the whole search recorded
+in `plan.meta["search"]`.
 """
 from __future__ import annotations
 
