@@ -6,8 +6,9 @@ where in the sequence each model's loss lies, on the held-out calibration sequen
 judges its choices on (the scores file's meta["calibration"]; never an evaluation set): the mean
 cross-entropy in buckets of positions, and the context gain: the first bucket's loss minus the
 mean loss over the second half of the positions (how much the model's loss falls once it has
-context; the teacher's gain is what pruning should keep). Issue 31 uses it to explain LAMBADA
-at targets D and WD (docs/benchmarks.md).
+context; the teacher's gain is what pruning should keep), and the mean loss on the tokens a copy
+from earlier in the row predicts (repeated bigrams) beside the rest. Issue 31 uses it to explain
+LAMBADA at targets D and WD (docs/benchmarks.md).
 
     python bench/context_use.py --scores /tmp/peers/scores/auto-layer-loss.pt \\
         --models /tmp/peers/teacher /tmp/peers/models/D/ours-auto-auto /tmp/peers/models/D/minitron
@@ -38,15 +39,28 @@ from megatron_prune.prune.scores import ImportanceScores  # noqa: E402
 from prune_peers import SHAPES  # noqa: E402
 
 
-def loss_by_position(model, rows: torch.Tensor, micro_batch: int = 4) -> torch.Tensor:
-    """Mean next-token cross-entropy at each position 1..seq-1 over the rows (an HF causal LM)."""
+def token_losses(model, rows: torch.Tensor, micro_batch: int = 4) -> torch.Tensor:
+    """Next-token cross-entropy of every row at positions 1..seq-1 (an HF causal LM)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(rows), micro_batch):
             batch = rows[i:i + micro_batch]
             logits = model(input_ids=batch).logits[:, :-1].float()
             out.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
-    return torch.cat(out).mean(0)
+    return torch.cat(out)
+
+
+def repeated_bigrams(rows: torch.Tensor) -> torch.Tensor:
+    """[rows, seq-1] mask of the predictions a copy from context gets right: the token to
+    predict follows the current one somewhere earlier in the row (the pattern induction heads
+    complete; LAMBADA's last word is often such a copy of a name seen before)."""
+    mask = torch.zeros(rows.shape[0], rows.shape[1] - 1, dtype=torch.bool)
+    for r, row in enumerate(rows.tolist()):
+        seen = set()
+        for t in range(len(row) - 1):
+            mask[r, t] = (row[t], row[t + 1]) in seen
+            seen.add((row[t], row[t + 1]))
+    return mask
 
 
 def table(models: dict, rows: torch.Tensor, bucket: int) -> str:
@@ -54,12 +68,16 @@ def table(models: dict, rows: torch.Tensor, bucket: int) -> str:
     seq = rows.shape[1] - 1
     starts = list(range(0, seq, bucket))
     head = " | ".join(f"{a + 1}-{min(a + bucket, seq)}" for a in starts)
-    lines = [f"| model | {head} | context gain |", "|---" * (len(starts) + 2) + "|"]
+    copy = repeated_bigrams(rows)
+    lines = [f"| model | {head} | context gain | repeated bigrams ({int(copy.sum())} tokens) | "
+             "other tokens |", "|---" * (len(starts) + 4) + "|"]
     for label, build in models.items():
-        ce = loss_by_position(build(), rows)
+        losses = token_losses(build(), rows)
+        ce = losses.mean(0)
         b = [float(ce[a:a + bucket].mean()) for a in starts]
         gain = b[0] - float(ce[seq // 2:].mean())
-        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in b) + f" | {gain:.3f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in b) + f" | {gain:.3f} | "
+                     f"{float(losses[copy].mean()):.3f} | {float(losses[~copy].mean()):.3f} |")
     return "\n".join(lines)
 
 

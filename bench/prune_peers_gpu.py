@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import math
+import re
 import os
 import shutil
 import sys
@@ -43,6 +45,9 @@ import prune_peers as pp  # noqa: E402
 PART1_BYTES = 60 << 20
 TRAIN_TEXT_CHARS = 30_000_000  # ~7M tokens: C4-sample documents 200-999, then training books
 BOOK_CHARS = 50_000            # each held-out book's first characters scored on the GPU
+CHOICE_BOOKS, CHOICE_BOOK_SLICE = 20, (60_000, 80_000)  # ~100k tokens with the C4 half
+CHOICE_EVALS, CHOICE_ITERS = 9, 2  # choice-set scorings per run; global batches each
+DEFAULT_SEED = 1234
 SYSTEMS = ("ours", "minitron")  # torch-pruning cannot drop layers: it has no WD model
 
 
@@ -93,17 +98,29 @@ def pack(bench: Path, dev: Path) -> None:
     pp.write_jsonl(ev / "books.jsonl", [text[:BOOK_CHARS] for _, text in held])
     texts = pp.c4_docs(range(200, 1000))
     size = c4_chars = sum(map(len, texts))
+    used = 0
     for _, text in train_books:
         if size >= TRAIN_TEXT_CHARS:
             break
         texts.append(text)
         size += len(text)
+        used += 1
+    pp.write_jsonl(ev / "choice.jsonl", choice_set(train_books[used:]))
     with lzma.open(dev / "part2" / "train.jsonl.xz", "wt", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     print(f"packed {len(index)} models and {size / 1e6:.1f}M characters of training text "
           f"({100 * c4_chars / size:.1f}% C4-sample documents, the rest training books) "
           f"into {dev}")
+
+
+def choice_set(unused_books: list) -> list:
+    """Text to choose among distilled candidates by: C4-sample documents 50-99 (evaluation reads
+    0-49, calibration 100-199, training 200-999) and CHOICE_BOOKS slices of training books the
+    distillation text does not reach, away from their calibration excerpt. Never evaluated."""
+    books = [text for _, text in unused_books if len(text) >= CHOICE_BOOK_SLICE[1]]
+    return pp.c4_docs(range(50, 100)) + [t[slice(*CHOICE_BOOK_SLICE)]
+                                         for t in books[:CHOICE_BOOKS]]
 
 
 # -------------------------------------------------------------------------------- GPU stages
@@ -162,6 +179,11 @@ def stage_recover(args) -> None:
         cli("preprocess", "--input", work / "train.jsonl", "--output-prefix", work / "train",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["teacher"],
             "--append-eod", "--workers", min(8, os.cpu_count() or 1), log=work / "preprocess.log")
+    choice = args.devdata / "part2" / "eval" / "choice.jsonl"
+    if choice.is_file() and not (work / "choice_text_document.idx").is_file():
+        cli("preprocess", "--input", choice, "--output-prefix", work / "choice",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", data["teacher"],
+            "--append-eod", log=work / "preprocess_choice.log")
     if not (work / "teacher_meg" / "latest_checkpointed_iteration.txt").is_file():
         cli("hf-to-megatron", "--hf-dir", data["teacher"], "--save", work / "teacher_meg",
             "--force", log=work / "teacher_meg.log")
@@ -173,9 +195,11 @@ def stage_recover(args) -> None:
         row["eval"] = pp.evaluate(str(build(work, data, row, plans)), data, args)
     settings = {k: getattr(args, k) for k in ("train_tokens", "seq_length", "micro_batch",
                                               "global_batch", "lr")}
+    if args.seed != DEFAULT_SEED:  # (results of the default seed predate the key)
+        settings["seed"] = args.seed
     res = {"device": _device(), "commit": os.environ.get("BENCH_COMMIT", "unknown"),
            "settings": settings, "rows": []}
-    done = Path(args.work, "gpu_recover.json")  # an earlier call's systems, same settings
+    done = Path(args.work, recover_file(args.seed))  # an earlier call's systems, same settings
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         res["rows"] = json.loads(done.read_text())["rows"]
     for system in args.models or args.systems:
@@ -187,7 +211,7 @@ def stage_recover(args) -> None:
         res["rows"] = [r for r in res["rows"] if r["system"] != system] + [
             {"system": system, "model": key, "commit": res["commit"], "before": rows[key]["eval"],
              **distill(work, data, key, build(work, data, rows[key], plans), args)}]
-        _write(res, "gpu_recover.json", args)
+        _write(res, recover_file(args.seed), args)
         print(json.dumps(res["rows"][-1]), flush=True)
 
 
@@ -200,16 +224,43 @@ def distill(work: Path, data: dict, key: str, hf: Path, args) -> dict:
            "--seq-length", args.seq_length, "--micro-batch-size", args.micro_batch,
            "--global-batch-size", args.global_batch, "--train-tokens", int(args.train_tokens),
            "--lr", args.lr, "--min-lr", args.lr / 10, "--lr-warmup-iters", 20,
-           "--weight-decay", 0.1, "--clip-grad", 1.0, "--eval-iters", 0, "--seed", 1234,
-           "--save", kd, "--log-json", work / f"{key}_kd.jsonl"]
+           "--weight-decay", 0.1, "--clip-grad", 1.0, "--seed", args.seed,
+           "--save", kd, "--log-json", work / f"{key}_kd.jsonl", *choice_flags(work, args)]
     if torch.cuda.is_available():
         cmd.append("--bf16")
     shutil.rmtree(kd, ignore_errors=True)
     cost = pp.timed(cmd, work / f"{key}_kd.log")
-    shutil.copy2(work / f"{key}_kd.jsonl", Path(args.out) / f"{key}_kd.jsonl")  # for the report
+    log = Path(args.out) / f"{key}{seed_suffix(args.seed)}_kd.jsonl"
+    shutil.copy2(work / f"{key}_kd.jsonl", log)  # for the report
     cli("megatron-to-hf", "--load", kd, "--save", work / f"{key}_kd_hf", "--force",
         log=work / f"{key}_export.log")
-    return {"train": cost, "after": pp.evaluate(str(work / f"{key}_kd_hf"), data, args)}
+    return {"train": cost, "choice": choice_losses(log),
+            "after": pp.evaluate(str(work / f"{key}_kd_hf"), data, args)}
+
+
+def choice_flags(work: Path, args) -> list:
+    """The choice set as the run's validation data, scored CHOICE_EVALS times (the last at the
+    end) on CHOICE_ITERS global batches: the loss a user may pick a candidate by, at any point
+    of its distillation. Validation runs forward only; the training is unchanged by it."""
+    if not (work / "choice_text_document.idx").is_file():
+        return ["--eval-iters", 0]
+    iters = math.ceil(args.train_tokens / (args.seq_length * args.global_batch))
+    return ["--valid-data-path", work / "choice_text_document",
+            "--eval-interval", math.ceil(iters / CHOICE_EVALS), "--eval-iters", CHOICE_ITERS]
+
+
+def choice_losses(log: Path) -> list:
+    """[(iteration, choice-set LM loss of the student)] from a run's --log-json."""
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [(r["iteration"], r["lm_loss"]) for r in recs if r.get("eval") == "validation"]
+
+
+def recover_file(seed: int) -> str:
+    return f"gpu_recover{seed_suffix(seed)}.json"
+
+
+def seed_suffix(seed: int) -> str:
+    return "" if seed == DEFAULT_SEED else f"_seed{seed}"
 
 
 # -------------------------------------------------------------------------------- report
@@ -222,8 +273,20 @@ EVAL_HEAD = "calib loss | C4 ppl | WikiText-2 word ppl | WikiText-2 bpb | books 
 
 
 def report(gpu: Path) -> str:
-    """Markdown tables of gpu_eval.json (with the CPU costs it carries) and gpu_recover.json."""
-    ev = json.loads((gpu / "gpu_eval.json").read_text())
+    """Markdown tables of gpu_eval.json (with the CPU costs it carries) and of each seed's
+    gpu_recover*.json, then the seeds side by side."""
+    lines = []
+    if (gpu / "gpu_eval.json").is_file():
+        lines += _eval_tables(json.loads((gpu / "gpu_eval.json").read_text()))
+    runs = recover_runs(gpu)
+    for seed, rc in runs.items():
+        lines += _recovery_table(gpu, seed, rc)
+    if len(runs) > 1:
+        lines += _seed_table(runs)
+    return "\n".join(lines) + "\n"
+
+
+def _eval_tables(ev: dict) -> list:
     lines = [f"Evaluated on {ev['device']} (commit {ev['commit']}).", "",
              f"| target | system | params | {EVAL_HEAD} | prune wall s | peak RSS MB |",
              "|---" * 11 + "|", f"| - | teacher | {ev['teacher']['params'] / 1e6:.1f}M | "
@@ -231,20 +294,79 @@ def report(gpu: Path) -> str:
     for r in ev["rows"]:
         lines.append(f"| {r['target']} | {r['system']} | {r['eval']['params'] / 1e6:.1f}M | "
                      f"{_cells(r['eval'])} | {r['wall_s']} | {r['peak_rss_mb']} |")
-    lines += [""] + pp.goal_table(ev["rows"])
-    rec = gpu / "gpu_recover.json"
-    if rec.is_file():
-        rc = json.loads(rec.read_text())
-        lines += ["", f"Distillation on {rc['device']}: {json.dumps(rc['settings'])}", "",
-                  f"| system | when | {EVAL_HEAD} | train s | KD loss, last {KD_TAIL} "
-                  "iterations | bench commit |", "|---" * 11 + "|"]
-        for r in rc["rows"]:  # (rows of calls at other commits, same settings, keep their own)
-            commit, kd = r.get("commit", rc["commit"]), _kd_tail(gpu / f"{r['model']}_kd.jsonl")
-            lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | | {commit} |")
-            lines.append(f"| {r['system']} | after | {_cells(r['after'])} | "
-                         f"{r['train']['wall_s']} | {kd} | {commit} |")
-        lines += [""] + recovery_goals(rc["rows"])
-    return "\n".join(lines) + "\n"
+    return lines + [""] + pp.goal_table(ev["rows"])
+
+
+def recover_runs(gpu: Path) -> dict:
+    """seed -> the recover stage's results in `gpu`, the default seed first."""
+    runs = {}
+    for f in gpu.glob("gpu_recover*.json"):
+        m = re.fullmatch(r"gpu_recover(?:_seed(\d+))?\.json", f.name)
+        if m:
+            runs[int(m.group(1) or DEFAULT_SEED)] = json.loads(f.read_text())
+    return dict(sorted(runs.items(), key=lambda kv: (kv[0] != DEFAULT_SEED, kv[0])))
+
+
+def _recovery_table(gpu: Path, seed: int, rc: dict) -> list:
+    lines = ["", f"Distillation on {rc['device']}, seed {seed}: {json.dumps(rc['settings'])}", "",
+             f"| system | when | {EVAL_HEAD} | train s | KD loss, last {KD_TAIL} iterations | "
+             "choice-set loss | bench commit |", "|---" * 12 + "|"]
+    for r in rc["rows"]:  # (rows of calls at other commits, same settings, keep their own)
+        commit = r.get("commit", rc["commit"])
+        kd = _kd_tail(gpu / f"{r['model']}{seed_suffix(seed)}_kd.jsonl")
+        choice = f"{r['choice'][-1][1]:.4f}" if r.get("choice") else ""
+        lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | | | {commit} |")
+        lines.append(f"| {r['system']} | after | {_cells(r['after'])} | "
+                     f"{r['train']['wall_s']} | {kd} | {choice} | {commit} |")
+    lines += _choice_table(rc["rows"])
+    return lines + [""] + recovery_goals(rc["rows"])
+
+
+def _choice_table(rows: list) -> list:
+    """The choice-set loss of each run at each scoring: whether a shorter distillation would
+    have chosen the same candidate."""
+    rows = [r for r in rows if r.get("choice")]
+    if not rows:
+        return []
+    its = [i for i, _ in rows[0]["choice"]]
+    lines = ["", "| choice-set loss at iteration | " + " | ".join(map(str, its)) + " |",
+             "|---" * (len(its) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | " + " | ".join(f"{v:.4f}" for _, v in r["choice"]) + " |")
+    return lines
+
+
+def _seed_table(runs: dict) -> list:
+    """Each model distilled under several seeds (data orders): every seed's result, their mean,
+    then the goals on the means (ours chosen by the mean choice-set loss)."""
+    by_model = {}
+    for seed, rc in runs.items():
+        for r in rc["rows"]:
+            by_model.setdefault(r["system"], {})[seed] = r
+    lines = ["", "Seeds side by side (each cell: one value per seed, then their mean):", "",
+             "| system | seeds | C4 ppl | WikiText-2 word ppl | books ppl | LAMBADA acc |",
+             "|---" * 6 + "|"]
+    means = []
+    for system, per in by_model.items():
+        if len(per) < 2:
+            continue
+        evals = [r["after"] for r in per.values()]
+        mean = {"after": {}, "system": system}
+        cells = []
+        for key, field, _ in pp.SETS:
+            vals = [e[key][field] for e in evals]
+            mean["after"][key] = {field: sum(vals) / len(vals)}
+            cells.append(" / ".join(f"{v:.2f}" for v in vals) + f" → **{sum(vals) / len(vals):.2f}**")
+        vals = [e["lambada"] for e in evals]
+        mean["after"]["lambada"] = sum(vals) / len(vals)
+        cells.append(" / ".join(f"{v:.3f}" for v in vals) + f" → **{sum(vals) / len(vals):.3f}**")
+        choice = [r["choice"][-1][1] for r in per.values() if r.get("choice")]
+        if choice:
+            mean["choice"] = [(None, sum(choice) / len(choice))]
+        means.append(mean)
+        lines.append(f"| {system} | {', '.join(map(str, per))} | " + " | ".join(cells) + " |")
+    goals = recovery_goals(means, label="WD after distillation, mean of seeds")
+    return lines + ([""] + goals if goals else [])
 
 
 KD_TAIL = 16  # iterations: the distillation loss on the training text at the end
@@ -255,24 +377,36 @@ def _kd_tail(log: Path) -> str:
     recover stage copies beside gpu_recover.json); blank without the log."""
     if not log.is_file():
         return ""
-    kd = [json.loads(line)["kd_loss"] for line in log.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    kd = [r["kd_loss"] for r in recs if "eval" not in r]  # training iterations only
     return f"{sum(kd[-KD_TAIL:]) / len(kd[-KD_TAIL:]):.3f}"
 
 
-def recovery_goals(rows: list) -> list:
+def recovery_goals(rows: list, label: str = "WD after distillation") -> list:
     """After equal-token distillation at WD: ours (each system's model of lowest calibration
-    loss) at or below the best peer on every set; then each named model of ours (a diagnosis,
-    `--models`) against the same peers, labelled with its name."""
+    loss) at or below the best peer on every set; ours chosen among the distilled candidates by
+    the choice-set loss at the end of their runs (never an evaluation set); then each named
+    model of ours (a diagnosis, `--models`) against the same peers, labelled with its name."""
     after = {r["system"]: r["after"] for r in rows}
     peers = {s: e for s, e in after.items() if not s.startswith("ours")}
     if not peers:
         return []
     out = ["| goal | measured | met |", "|---|---|---|"]
     if "ours" in after:
-        out += pp.beside_best_peer("WD after distillation: ours", after["ours"], peers)
+        out += pp.beside_best_peer(f"{label}: ours", after["ours"], peers)
+    chosen = chosen_by_choice_set(rows)
+    if chosen:
+        out += pp.beside_best_peer(f"{label}: ours chosen by choice-set loss ({chosen})",
+                                   after[chosen], peers)
     for s in sorted(s for s in after if s.startswith("ours-")):
-        out += pp.beside_best_peer(f"WD after distillation: {s} (diagnosis)", after[s], peers)
+        out += pp.beside_best_peer(f"{label}: {s} (diagnosis)", after[s], peers)
     return out
+
+
+def chosen_by_choice_set(rows: list):
+    """The model of ours whose distillation ended at the lowest choice-set loss, or None."""
+    ours = [r for r in rows if r["system"].startswith("ours") and r.get("choice")]
+    return min(ours, key=lambda r: r["choice"][-1][1])["system"] if ours else None
 
 
 def _write(res: dict, name: str, args) -> None:
@@ -300,6 +434,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--global-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="recover: the data order (results of another seed go to "
+                        "gpu_recover_seedN.json)")
     p.add_argument("--wikitext-tokens", type=int, default=None, help="default: all")
     p.add_argument("--lambada", type=int, default=1000)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,

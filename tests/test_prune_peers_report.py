@@ -72,3 +72,46 @@ def test_recovery_goals_keep_named_models_of_ours_out_of_the_peers():
     assert met["WD after distillation: ours-activation-no-reconstruct-block-influence "
                "(diagnosis) at or below the best peer (minitron), held-out C4 ppl"] == "yes"
     assert len(met) == 8 and not any("peer (ours" in k for k in met)
+
+
+def test_recovery_goals_choose_ours_by_the_choice_set_never_an_evaluation_set():
+    import prune_peers_gpu as gpu
+    rows = [{"system": "minitron", "after": _eval(160.6, 869.2, 75.4, 0.075),
+             "choice": [(17, 5.0), (153, 3.90)]},
+            # best on every evaluation set, but not on the choice set: not chosen
+            {"system": "ours-a", "after": _eval(100.0, 500.0, 50.0, 0.5),
+             "choice": [(17, 4.0), (153, 3.81)]},
+            {"system": "ours-b", "after": _eval(159.4, 882.8, 74.8, 0.062),
+             "choice": [(17, 4.5), (153, 3.80)]}]
+    assert gpu.chosen_by_choice_set(rows) == "ours-b"
+    met = {c[0]: c[-1] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                  for line in gpu.recovery_goals(rows)[2:])}
+    assert met["WD after distillation: ours chosen by choice-set loss (ours-b) at or below the "
+               "best peer (minitron), held-out C4 ppl"] == "yes"
+    assert met["WD after distillation: ours chosen by choice-set loss (ours-b) at or above the "
+               "best peer (minitron), LAMBADA accuracy"] == "no"
+    assert gpu.chosen_by_choice_set([{"system": "ours", "after": {}}]) is None
+
+
+def test_report_puts_seeds_side_by_side(tmp_path):
+    import json
+
+    import prune_peers_gpu as gpu
+    row = {"model": "WD__x", "before": _eval(900, 9e4, 900, 0.0), "train": {"wall_s": 1.0}}
+    runs = {1234: [("minitron", 160.0, 0.07, None), ("ours-b", 150.0, 0.05, None)],
+            2: [("minitron", 170.0, 0.09, 3.9), ("ours-b", 160.0, 0.06, 3.8)]}
+    for seed, rows in runs.items():
+        settings = {"train_tokens": 1e7, **({} if seed == 1234 else {"seed": seed})}
+        rec = {"device": "test", "commit": "x", "settings": settings, "rows": [
+            {**row, "system": s, "after": _eval(c4, 800.0, 70.0, lam),
+             **({"choice": [(153, ch)]} if ch else {})} for s, c4, lam, ch in rows]}
+        (tmp_path / gpu.recover_file(seed)).write_text(json.dumps(rec))
+    (tmp_path / "gpu_recover_c265e42.json").write_text("{}")  # an archived run: not read
+    assert list(gpu.recover_runs(tmp_path)) == [1234, 2]
+    text = gpu.report(tmp_path)
+    assert "| minitron | 1234, 2 | 160.00 / 170.00 → **165.00** |" in text
+    # the means decide: ours-b 155 vs 165 C4 ppl, LAMBADA 0.055 vs 0.080
+    assert ("WD after distillation, mean of seeds: ours chosen by choice-set loss (ours-b) at "
+            "or below the best peer (minitron), held-out C4 ppl | 155.00 vs 165.00") in text
+    assert ("mean of seeds: ours chosen by choice-set loss (ours-b) at or above the best peer "
+            "(minitron), LAMBADA accuracy | 0.055 vs 0.080 | no |") in text
