@@ -400,7 +400,7 @@ def recovery_goals(rows: list, label: str = "WD after distillation") -> list:
                                    after[chosen], peers)
     for s in sorted(s for s in after if s.startswith("ours-")):
         out += pp.beside_best_peer(f"{label}: {s} (diagnosis)", after[s], peers)
-    return out
+    return out if len(out) > 2 else []
 
 
 def chosen_by_choice_set(rows: list):
