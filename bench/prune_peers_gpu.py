@@ -229,6 +229,7 @@ def distill(work: Path, data: dict, key: str, hf: Path, args) -> dict:
     if torch.cuda.is_available():
         cmd.append("--bf16")
     shutil.rmtree(kd, ignore_errors=True)
+    (work / f"{key}_kd.jsonl").unlink(missing_ok=True)  # the trainer appends to --log-json
     cost = pp.timed(cmd, work / f"{key}_kd.log")
     log = Path(args.out) / f"{key}{seed_suffix(args.seed)}_kd.jsonl"
     shutil.copy2(work / f"{key}_kd.jsonl", log)  # for the report
@@ -252,7 +253,17 @@ def choice_flags(work: Path, args) -> list:
 def choice_losses(log: Path) -> list:
     """[(iteration, choice-set LM loss of the student)] from a run's --log-json."""
     recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [(r["iteration"], r["lm_loss"]) for r in recs if r.get("eval") == "validation"]
+    return last_run([(r["iteration"], r["lm_loss"]) for r in recs if r.get("eval") == "validation"])
+
+
+def last_run(points: list) -> list:
+    """The points after the last restart (an iteration not above the one before it): a log
+    that a run cut off by a call's time limit began, and the next call's run appended to."""
+    start = 0
+    for i in range(1, len(points)):
+        if points[i][0] <= points[i - 1][0]:
+            start = i
+    return points[start:]
 
 
 def recover_file(seed: int) -> str:
@@ -314,7 +325,7 @@ def _recovery_table(gpu: Path, seed: int, rc: dict) -> list:
     for r in rc["rows"]:  # (rows of calls at other commits, same settings, keep their own)
         commit = r.get("commit", rc["commit"])
         kd = _kd_tail(gpu / f"{r['model']}{seed_suffix(seed)}_kd.jsonl")
-        choice = f"{r['choice'][-1][1]:.4f}" if r.get("choice") else ""
+        choice = f"{last_run(r['choice'])[-1][1]:.4f}" if r.get("choice") else ""
         lines.append(f"| {r['system']} | before | {_cells(r['before'])} | | | | {commit} |")
         lines.append(f"| {r['system']} | after | {_cells(r['after'])} | "
                      f"{r['train']['wall_s']} | {kd} | {choice} | {commit} |")
@@ -328,28 +339,30 @@ def _choice_table(rows: list) -> list:
     rows = [r for r in rows if r.get("choice")]
     if not rows:
         return []
-    its = [i for i, _ in rows[0]["choice"]]
+    its = [i for i, _ in last_run(rows[0]["choice"])]
     lines = ["", "| choice-set loss at iteration | " + " | ".join(map(str, its)) + " |",
              "|---" * (len(its) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r['system']} | " + " | ".join(f"{v:.4f}" for _, v in r["choice"]) + " |")
+        lines.append(f"| {r['system']} | "
+                     + " | ".join(f"{v:.4f}" for _, v in last_run(r["choice"])) + " |")
     return lines
 
 
 def _seed_table(runs: dict) -> list:
     """Each model distilled under several seeds (data orders): every seed's result, their mean,
     then the goals on the means (ours chosen by the mean choice-set loss)."""
-    by_model = {}
+    by_model = {}  # (a model is "ours" in a run that picked it by the calibration-loss rule)
     for seed, rc in runs.items():
         for r in rc["rows"]:
-            by_model.setdefault(r["system"], {})[seed] = r
+            by_model.setdefault(r["model"], {})[seed] = r
     lines = ["", "Seeds side by side (each cell: one value per seed, then their mean):", "",
              "| system | seeds | C4 ppl | WikiText-2 word ppl | books ppl | LAMBADA acc |",
              "|---" * 6 + "|"]
     means = []
-    for system, per in by_model.items():
+    for per in by_model.values():
         if len(per) < 2:
             continue
+        system = min((r["system"] for r in per.values()), key=len)  # "ours" if so named
         evals = [r["after"] for r in per.values()]
         mean = {"after": {}, "system": system}
         cells = []
@@ -378,8 +391,8 @@ def _kd_tail(log: Path) -> str:
     if not log.is_file():
         return ""
     recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    kd = [r["kd_loss"] for r in recs if "eval" not in r]  # training iterations only
-    return f"{sum(kd[-KD_TAIL:]) / len(kd[-KD_TAIL:]):.3f}"
+    kd = [r["kd_loss"] for r in recs if "eval" not in r][-KD_TAIL:]  # training iterations
+    return f"{sum(kd) / len(kd):.3f}"
 
 
 def recovery_goals(rows: list, label: str = "WD after distillation") -> list:

@@ -97,14 +97,17 @@ def test_report_puts_seeds_side_by_side(tmp_path):
     import json
 
     import prune_peers_gpu as gpu
-    row = {"model": "WD__x", "before": _eval(900, 9e4, 900, 0.0), "train": {"wall_s": 1.0}}
-    runs = {1234: [("minitron", 160.0, 0.07, None), ("ours-b", 150.0, 0.05, None)],
-            2: [("minitron", 170.0, 0.09, 3.9), ("ours-b", 160.0, 0.06, 3.8)]}
+    row = {"before": _eval(900, 9e4, 900, 0.0), "train": {"wall_s": 1.0}}
+    # (seed 1234 picked ours-a by the calibration-loss rule: its system is "ours" there)
+    runs = {1234: [("minitron", "minitron", 160.0, 0.07, None), ("ours-b", "ours-b", 150.0, 0.05, None),
+                   ("ours", "ours-a", 180.0, 0.03, None)],
+            2: [("minitron", "minitron", 170.0, 0.09, 3.9), ("ours-b", "ours-b", 160.0, 0.06, 3.8),
+                ("ours-a", "ours-a", 190.0, 0.02, 3.85)]}
     for seed, rows in runs.items():
         settings = {"train_tokens": 1e7, **({} if seed == 1234 else {"seed": seed})}
         rec = {"device": "test", "commit": "x", "settings": settings, "rows": [
-            {**row, "system": s, "after": _eval(c4, 800.0, 70.0, lam),
-             **({"choice": [(153, ch)]} if ch else {})} for s, c4, lam, ch in rows]}
+            {**row, "system": s, "model": f"WD__{m}", "after": _eval(c4, 800.0, 70.0, lam),
+             **({"choice": [(153, ch)]} if ch else {})} for s, m, c4, lam, ch in rows]}
         (tmp_path / gpu.recover_file(seed)).write_text(json.dumps(rec))
     (tmp_path / "gpu_recover_c265e42.json").write_text("{}")  # an archived run: not read
     assert list(gpu.recover_runs(tmp_path)) == [1234, 2]
@@ -115,3 +118,20 @@ def test_report_puts_seeds_side_by_side(tmp_path):
             "or below the best peer (minitron), held-out C4 ppl | 155.00 vs 165.00") in text
     assert ("mean of seeds: ours chosen by choice-set loss (ours-b) at or above the best peer "
             "(minitron), LAMBADA accuracy | 0.055 vs 0.080 | no |") in text
+    # the model seed 1234's rule picked keeps that name beside its seed-2 run
+    assert "| ours | 1234, 2 | 180.00 / 190.00 → **185.00** |" in text
+    assert ("mean of seeds: ours at or below the best peer (minitron), held-out C4 ppl | "
+            "185.00 vs 165.00") in text
+
+
+def test_choice_losses_keep_the_last_run_of_an_appended_log(tmp_path):
+    import json
+
+    import prune_peers_gpu as gpu
+    log = tmp_path / "m_kd.jsonl"  # a run cut off after iteration 34, then a whole run
+    recs = [{"iteration": 1, "kd_loss": 9.0}, {"eval": "validation", "iteration": 17, "lm_loss": 5.9},
+            {"eval": "validation", "iteration": 34, "lm_loss": 5.1}]
+    recs += [{"eval": "validation", "iteration": i, "lm_loss": 6 - i / 100} for i in (17, 34, 51)]
+    log.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert gpu.choice_losses(log) == [(17, 5.83), (34, 5.66), (51, 5.49)]
+    assert gpu.last_run([(17, 1.0), (34, 2.0)]) == [(17, 1.0), (34, 2.0)]
