@@ -20,6 +20,12 @@ it); results to gpu_eval.json and gpu_recover.json in --out and --work.
     python bench/prune_peers_gpu.py --pack --bench /work/bench_peers --devdata .devdata
     python bench/prune_peers_gpu.py --devdata .devdata --stage eval --out $OUT        # GPU
     python bench/prune_peers_gpu.py --devdata .devdata --stage recover --out $OUT     # GPU (6M tokens each)
+    python bench/prune_peers_gpu.py --devdata .devdata --stage recover --seed 2 --models KEY ...
+
+Each run also scores the choice set (`choice_set`: text that no evaluation, calibration or
+training reads) as its validation data, and the report chooses ours among the distilled
+candidates by it; `--seed` gives another order of the same training samples, and the report
+puts the seeds side by side.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ import argparse
 import json
 import lzma
 import math
-import re
 import os
+import re
 import shutil
 import sys
 import time
@@ -369,10 +375,10 @@ def _seed_table(runs: dict) -> list:
         for key, field, _ in pp.SETS:
             vals = [e[key][field] for e in evals]
             mean["after"][key] = {field: sum(vals) / len(vals)}
-            cells.append(" / ".join(f"{v:.2f}" for v in vals) + f" → **{sum(vals) / len(vals):.2f}**")
+            cells.append(_mean_cell(vals, ".2f"))
         vals = [e["lambada"] for e in evals]
         mean["after"]["lambada"] = sum(vals) / len(vals)
-        cells.append(" / ".join(f"{v:.3f}" for v in vals) + f" → **{sum(vals) / len(vals):.3f}**")
+        cells.append(_mean_cell(vals, ".3f"))
         choice = [r["choice"][-1][1] for r in per.values() if r.get("choice")]
         if choice:
             mean["choice"] = [(None, sum(choice) / len(choice))]
@@ -380,6 +386,11 @@ def _seed_table(runs: dict) -> list:
         lines.append(f"| {system} | {', '.join(map(str, per))} | " + " | ".join(cells) + " |")
     goals = recovery_goals(means, label="WD after distillation, mean of seeds")
     return lines + ([""] + goals if goals else [])
+
+
+def _mean_cell(vals: list, fmt: str) -> str:
+    mean = format(sum(vals) / len(vals), fmt)
+    return " / ".join(format(v, fmt) for v in vals) + f" → **{mean}**"
 
 
 KD_TAIL = 16  # iterations: the distillation loss on the training text at the end

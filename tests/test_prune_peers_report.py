@@ -99,8 +99,8 @@ def test_report_puts_seeds_side_by_side(tmp_path):
     import prune_peers_gpu as gpu
     row = {"before": _eval(900, 9e4, 900, 0.0), "train": {"wall_s": 1.0}}
     # (seed 1234 picked ours-a by the calibration-loss rule: its system is "ours" there)
-    runs = {1234: [("minitron", "minitron", 160.0, 0.07, None), ("ours-b", "ours-b", 150.0, 0.05, None),
-                   ("ours", "ours-a", 180.0, 0.03, None)],
+    runs = {1234: [("minitron", "minitron", 160.0, 0.07, None),
+                   ("ours-b", "ours-b", 150.0, 0.05, None), ("ours", "ours-a", 180.0, 0.03, None)],
             2: [("minitron", "minitron", 170.0, 0.09, 3.9), ("ours-b", "ours-b", 160.0, 0.06, 3.8),
                 ("ours-a", "ours-a", 190.0, 0.02, 3.85)]}
     for seed, rows in runs.items():
@@ -129,7 +129,8 @@ def test_choice_losses_keep_the_last_run_of_an_appended_log(tmp_path):
 
     import prune_peers_gpu as gpu
     log = tmp_path / "m_kd.jsonl"  # a run cut off after iteration 34, then a whole run
-    recs = [{"iteration": 1, "kd_loss": 9.0}, {"eval": "validation", "iteration": 17, "lm_loss": 5.9},
+    recs = [{"iteration": 1, "kd_loss": 9.0},
+            {"eval": "validation", "iteration": 17, "lm_loss": 5.9},
             {"eval": "validation", "iteration": 34, "lm_loss": 5.1}]
     recs += [{"eval": "validation", "iteration": i, "lm_loss": 6 - i / 100} for i in (17, 34, 51)]
     log.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
