@@ -57,6 +57,10 @@ def assert_same(a: ImportanceScores, b: ImportanceScores, rtol: float, angular: 
     if "norm_energy" in a.meta:  # sum(x^2) per channel of every norm's input, final norm last
         x, y = a.meta["norm_energy"], b.meta["norm_energy"]
         assert x.shape == y.shape and (x[-1] > 0).all() and torch.allclose(x, y, rtol=rtol, atol=0)
+    assert ("norm_l2" in a.meta) == ("norm_l2" in b.meta)
+    if "norm_l2" in a.meta:  # each norm's L2 vector (prune --hidden-aggregation sum)
+        x, y = a.meta["norm_l2"], b.meta["norm_l2"]
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=rtol, atol=0)
     assert ("layer_loss" in a.meta) == ("layer_loss" in b.meta)
     if "layer_loss" in a.meta:  # --layer-loss: the loss with each layer skipped
         x, y = (torch.tensor([m["loss"]] + m["layer_loss"]) for m in (a.meta, b.meta))

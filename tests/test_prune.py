@@ -11,7 +11,7 @@ from hf_models import make_hf_llama
 from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
-from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_prune.prune.plan import PrunePlan, PruneTarget, hidden_scores, make_plan
 from megatron_prune.prune.apply import PLAN_FILE, prune_hf, prune_megatron
 from megatron_prune.prune.scores import ImportanceScores, random_scores
 from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
@@ -186,6 +186,39 @@ def test_norm_rescale_from_activation_scores_undoes_it(hf, tmp_path):
     assert out["plain"] > 1e-2 and out["rescaled"] < out["plain"] / 20
 
 
+def test_hidden_aggregation_sum_ranks_by_the_raw_norm_vectors(hf, tmp_path, capsys):
+    """prune-hf --hidden-aggregation sum keeps the hidden channels of the largest raw per-norm
+    L2 sum (ModelOpt's ranking), balanced (the default) those of the scores as computed; the
+    plan says which; scores without the per-norm vectors are refused with nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_prune.prune.importance_hf import activation_scores
+    cfg = _cfg(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.layers[2].input_layernorm.weight.mul_(50)  # one loud norm: the two differ
+    model.save_pretrained(tmp_path / "loud")
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = activation_scores(model, ids, cfg, progress=False)
+    scores.save(tmp_path / "act.pt")
+    kept = {}
+    for agg in ("balanced", "sum"):
+        assert main(["prune-hf", "--hf-dir", str(tmp_path / "loud"), "--save", str(tmp_path / agg),
+                     "--scores", str(tmp_path / "act.pt"), "--hidden-size-remain", "48",
+                     "--hidden-aggregation", agg]) == 0
+        plan = PrunePlan.load(tmp_path / agg / PLAN_FILE)
+        kept[agg] = set(plan.keep_hidden)
+        assert kept[agg] == set(hidden_scores(scores, agg).topk(48).indices.tolist())
+        assert plan.meta.get("hidden_aggregation") == (None if agg == "balanced" else "sum")
+    assert kept["sum"] != kept["balanced"]
+    random_scores(cfg, 1).save(tmp_path / "random.pt")
+    assert main(["prune-hf", "--hf-dir", str(hf), "--save", str(tmp_path / "no"), "--scores",
+                 str(tmp_path / "random.pt"), "--hidden-size-remain", "48",
+                 "--hidden-aggregation", "sum"]) == 2
+    assert "--hidden-aggregation sum needs activation or auto scores" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 def test_prune_hf_script_and_seed_names(hf, tmp_path):
     import subprocess
     import sys
@@ -328,3 +361,9 @@ def test_activation_scores_by_definition(hf):
     assert torch.allclose(scores.groups, scores.heads.reshape(cfg.num_layers, 4, 2).sum(-1))
     old = per_norm.pow(2).sum(0).sqrt()
     assert set(old.topk(16).indices.tolist()) != set(hidden.topk(16).indices.tolist())
+    # --hidden-aggregation sum: the raw per-norm vectors summed (ModelOpt's mcore_minitron)
+    assert torch.allclose(torch.as_tensor(scores.meta["norm_l2"]).double(), per_norm, rtol=1e-5)
+    minitron = per_norm.sum(0)
+    assert torch.allclose(hidden_scores(scores, "sum"), minitron, rtol=1e-5)
+    assert set(minitron.topk(16).indices.tolist()) != set(hidden.topk(16).indices.tolist())
+    assert hidden_scores(scores, "balanced") is scores.hidden

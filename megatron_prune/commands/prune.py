@@ -8,7 +8,8 @@ from megatron_prune.checkpoint.config import ConfigError
 from megatron_prune.checkpoint.megatron import megatron_lm_hint
 from megatron_prune.prune.apply import PLAN_FILE, SizeSearch, prune_hf, prune_megatron
 from megatron_prune.prune.choose import parse_criteria
-from megatron_prune.prune.plan import AUTO_LAYER_METHOD, LAYER_METHODS, PRUNE_TYPES, PruneTarget
+from megatron_prune.prune.plan import (AUTO_LAYER_METHOD, HIDDEN_AGGREGATIONS, LAYER_METHODS,
+                                       PRUNE_TYPES, PruneTarget)
 from megatron_prune.prune.search import Budget, SearchLimits, parse_size, table
 
 IMPORTANCE = ("random", "magnitude", "activation", "taylor", "auto")
@@ -46,6 +47,11 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "channels are pruned with activation scores, each norm weight is scaled "
                         "by rms(kept channels) / rms(all) of its calibration input, so the "
                         "norm's output keeps its scale (the plan records the factors)")
+    g.add_argument("--hidden-aggregation", choices=HIDDEN_AGGREGATIONS, default="balanced",
+                   help="with activation or auto scores, how the norms' statistics rank hidden "
+                        "channels: balanced (default: each norm's L2 vector over its mean, "
+                        "summed; the lower calibration loss as pruned) or sum (the raw vectors "
+                        "summed, as ModelOpt's Minitron does)")
     g.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="copy the kept columns of o_proj / down_proj as they are. By default, "
                         "when heads or FFN neurons go and the --scores file holds calibration "
@@ -151,7 +157,8 @@ def target_from(a) -> PruneTarget:
                        num_query_groups=a.groups, ffn_hidden_size=a.ffn,
                        drop_layers=a.drop_layers, num_layers=a.num_layers,
                        layer_method=a.layer_method, rescale_norms=a.rescale_norms,
-                       reconstruct=a.reconstruct, criteria=_criteria(a.auto_criteria))
+                       hidden_aggregation=a.hidden_aggregation, reconstruct=a.reconstruct,
+                       criteria=_criteria(a.auto_criteria))
 
 
 def _criteria(value) -> "dict | None":
@@ -242,6 +249,7 @@ CONFIG_KEYS = {
     "prune_type": "prune_type", "seed": "seed", "plan": "plan",
     "tensor_model_parallel_size": "tp", "rescale_norms": "rescale_norms",
     "reconstruct": "reconstruct", "auto_criteria": "auto_criteria",
+    "hidden_aggregation": "hidden_aggregation",
 }
 
 
@@ -256,7 +264,8 @@ def namespace_from_config(path) -> argparse.Namespace:
     a = argparse.Namespace(hidden=None, heads=None, groups=None, ffn=None, drop_layers=None,
                            num_layers=None, layer_method=AUTO_LAYER_METHOD, importance="random",
                            scores=None, prune_type="balance", seed=1234, plan=None, tp=1,
-                           rescale_norms=True, reconstruct=True, auto_criteria=None)
+                           rescale_norms=True, reconstruct=True, auto_criteria=None,
+                           hidden_aggregation="balanced")
     for k, v in cfg.items():
         setattr(a, CONFIG_KEYS[k], layer_list(v) if k == "drop_layers" and isinstance(v, str) else v)
     return a

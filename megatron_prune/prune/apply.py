@@ -189,7 +189,8 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
                     prune_type: str, tp: int, pp: int, seed: int,
                     recon: Optional[Reconstruction] = None) -> PrunePlan:
     """The search's winner as a plan; the whole search is recorded in plan.meta["search"].
-    `how` gives the layer method and norm rescaling (its shape fields are not used)."""
+    `how` says how each shape is pruned (layer method, norm rescaling, hidden aggregation, ...;
+    its shape fields are not used)."""
     cfg = source.config
     limits = size.limits
     if scores.layers is None and limits.max_depth_prune > 0:
@@ -202,10 +203,8 @@ def plan_for_budget(source, size: SizeSearch, scores: ImportanceScores, how: Pru
     loss_of = None if size.batches is None else \
         _calibration_loss(source, size.batches, size.micro_batch, recon)
     result = search(cfg, scores, size.budget, limits, loss_of, tp=tp, pp=pp,
-                    prune_type=prune_type, layer_method=how.layer_method,
-                    rescale_norms=how.rescale_norms)
-    winner = dataclasses.replace(result.winner.target(how.layer_method, how.rescale_norms),
-                                 criteria=how.criteria)
+                    prune_type=prune_type, how=how)
+    winner = result.winner.target(how)
     if scores.method == "auto" and loss_of is not None:
         plan = choose(cfg, winner, scores, loss_of, prune_type=prune_type, tp=tp, seed=seed)[0]
     else:

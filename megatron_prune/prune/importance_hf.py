@@ -17,7 +17,9 @@ activation — forward passes only, hooks on the model:
   * layer: Block Influence 1 - cos(input, output) averaged over tokens, plus the angular
     distance between every pair of layer boundaries (for dropping a contiguous block);
   * norm energy: sum(x^2) per channel of every norm's input (meta["norm_energy"]), from which a
-    plan that prunes hidden channels rescales each norm (see plan.norm_scales).
+    plan that prunes hidden channels rescales each norm (see plan.norm_scales);
+  * each norm's L2 vector itself (meta["norm_l2"], [2L, hidden]), for ranking hidden channels
+    by their plain sum instead (`prune --hidden-aggregation sum`, ModelOpt's ranking).
 layer loss (`layer_losses`, optional beside either method) — the calibration LM loss with each
   layer skipped in turn (its output replaced by its input): one forward pass over the data per
   layer. The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
@@ -157,13 +159,13 @@ def activation_scores(model, batches: torch.Tensor, cfg: ModelConfig, micro_batc
     ang, bi = ang.cpu() / ntok, bi.cpu()
     ang.fill_diagonal_(0)
     heads = heads_from_channels(torch.stack([stats.sq[("heads", i)] for i in range(L)]).cpu(), d)
-    hidden = hidden_from_norms(torch.stack([stats.sq[("hidden", r)] for r in range(2 * L)]).cpu())
+    norm_sq = torch.stack([stats.sq[("hidden", r)] for r in range(2 * L)]).cpu()
     return ImportanceScores(
-        "activation", shape_of(cfg), hidden=hidden, heads=heads,
+        "activation", shape_of(cfg), hidden=hidden_from_norms(norm_sq), heads=heads,
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=torch.stack([stats.l2(("ffn", i)) for i in range(L)]), layers=bi / ntok,
         meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],
-              "norm_energy": energy.cpu()})
+              "norm_energy": energy.cpu(), "norm_l2": norm_sq.sqrt().float()})
 
 
 def norm_energy_hook(row: torch.Tensor):

@@ -242,7 +242,7 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
         groups=heads.reshape(L, cfg.num_query_groups, -1).sum(-1),
         ffn=ffn_sq.sqrt().cpu(), layers=(bi / n).cpu(),
         meta={"angular": ang.tolist(), "samples": len(batches), "seq_length": batches.shape[1],
-              "norm_energy": energy.cpu()})
+              "norm_energy": energy.cpu(), "norm_l2": hidden_sq.sqrt().float().cpu()})
 
 
 # ============================================================================ taylor

@@ -24,6 +24,9 @@ from megatron_prune.checkpoint.config import ConfigError, ModelConfig
 from megatron_prune.prune.scores import ImportanceScores
 
 PRUNE_TYPES = ("balance", "global")
+# hidden channels from activation scores: each norm's L2 vector over its mean, summed (balanced),
+# or the raw L2 vectors summed (sum: ModelOpt's mcore_minitron ranking; see hidden_scores)
+HIDDEN_AGGREGATIONS = ("balanced", "sum")
 LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
 # "auto": chosen by calibration loss with auto scores (prune/choose.py), else block-influence
 AUTO_LAYER_METHOD = "auto"
@@ -40,6 +43,7 @@ class PruneTarget:
     layer_method: str = "block-influence"  # or AUTO_LAYER_METHOD
     # rescale the kept norms when hidden channels go (needs scores with meta["norm_energy"])
     rescale_norms: bool = True
+    hidden_aggregation: str = "balanced"  # one of HIDDEN_AGGREGATIONS
     # refit o_proj / down_proj on the kept inputs (prune/reconstruct.py; needs scores with rows)
     reconstruct: bool = True
     # with auto scores: width dimensions whose criterion is given, not chosen by calibration
@@ -238,7 +242,7 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
     keep_layers = _keep_layers(cfg, target, scores)
     hpg_new = shape["num_attention_heads"] // shape["num_query_groups"]
     hpg = cfg.heads_per_group
-    keep_hidden = _top(scores.hidden, shape["hidden_size"])
+    keep_hidden = _top(hidden_scores(scores, target.hidden_aggregation), shape["hidden_size"])
     keep_groups, keep_heads, keep_ffn = [], [], []
     for layer in keep_layers:
         groups = _select(scores.groups[layer], shape["num_query_groups"], tp, prune_type)
@@ -256,7 +260,29 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
                      keep_hidden=keep_hidden, keep_groups=keep_groups, keep_heads=keep_heads,
                      keep_ffn=keep_ffn, method=scores.method, prune_type=prune_type,
                      tensor_parallel=tp, seed=seed,
-                     layer_method=layers_chosen_by(cfg, target), norm_scale=scale)
+                     layer_method=layers_chosen_by(cfg, target), norm_scale=scale,
+                     meta={"hidden_aggregation": target.hidden_aggregation}
+                     if target.hidden_aggregation != "balanced" else {})
+
+
+def hidden_scores(scores: ImportanceScores, aggregation: str) -> torch.Tensor:
+    """The hidden-channel scores to rank by. `balanced`: the scores as computed (for activation
+    scores, each norm's L2 vector divided by its mean, summed: importance_hf.hidden_from_norms).
+    `sum`: the norms' raw L2 vectors summed, as ModelOpt's Minitron ranks them; it needs the
+    per-norm vectors activation and auto scores keep (meta["norm_l2"]). On SmolLM2-135M the
+    balanced ranking gives the lower calibration loss as pruned, while after distillation the
+    model ranked by the sum did better on LAMBADA (docs/benchmarks.md, "Beside the peers")."""
+    if aggregation not in HIDDEN_AGGREGATIONS:
+        raise ConfigError(f"--hidden-aggregation must be one of {HIDDEN_AGGREGATIONS}, "
+                          f"got {aggregation!r}")
+    if aggregation == "balanced":
+        return scores.hidden
+    norms = scores.meta.get("norm_l2")
+    if norms is None:
+        raise ConfigError(f"--hidden-aggregation sum needs activation or auto scores from "
+                          f"importance at this version (per-norm statistics); these are "
+                          f"{scores.method} scores without them")
+    return torch.as_tensor(norms).double().sum(0)
 
 
 def norm_scales(energy: torch.Tensor, keep_hidden: list, keep_layers: list) -> dict:

@@ -21,6 +21,7 @@ in `plan.meta["search"]`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -199,12 +200,14 @@ class Candidate:
     proxy: float
     loss: Optional[float] = None
 
-    def target(self, layer_method: str, rescale_norms: bool = True) -> PruneTarget:
-        return PruneTarget(hidden_size=self.hidden_size,
-                           num_attention_heads=self.num_attention_heads,
-                           num_query_groups=self.num_query_groups,
-                           ffn_hidden_size=self.ffn_hidden_size, num_layers=self.num_layers,
-                           layer_method=layer_method, rescale_norms=rescale_norms)
+    def target(self, how: Optional[PruneTarget] = None) -> PruneTarget:
+        """This shape, pruned as `how` says (layer method, norm rescaling, hidden aggregation,
+        refit, criteria; its own shape fields are replaced)."""
+        return dataclasses.replace(how or PruneTarget(), hidden_size=self.hidden_size,
+                                   num_attention_heads=self.num_attention_heads,
+                                   num_query_groups=self.num_query_groups,
+                                   ffn_hidden_size=self.ffn_hidden_size,
+                                   num_layers=self.num_layers, drop_layers=None)
 
 
 @dataclass
@@ -232,18 +235,17 @@ def rank_candidates(cfg: ModelConfig, shapes: list, scores: ImportanceScores,
 
 def search(cfg: ModelConfig, scores: ImportanceScores, budget: Budget, limits: SearchLimits,
            loss_of: Optional[Callable[[PrunePlan], float]], *, tp: int = 1, pp: int = 1,
-           prune_type: str = "balance", layer_method: str = "block-influence",
-           rescale_norms: bool = True, progress: bool = True) -> SearchResult:
+           prune_type: str = "balance", how: Optional[PruneTarget] = None,
+           progress: bool = True) -> SearchResult:
     """The shapes that fit, the `limits.keep` best by proxy, each scored by `loss_of(plan)`
-    (None: by proxy alone, as --dry-run does)."""
+    (None: by proxy alone, as --dry-run does), each pruned as `how` says (Candidate.target)."""
     shapes = enumerate_shapes(cfg, budget, limits, tp, pp)
     check_budget(cfg, budget, limits, tp, pp, shapes)
     ranked = rank_candidates(cfg, shapes, scores, budget)
     cands = ranked[:limits.keep]
     if loss_of is not None:
         for c in tqdm(cands, desc="scoring candidates", unit="shape", disable=not progress):
-            c.loss = loss_of(make_plan(cfg, c.target(layer_method, rescale_norms), scores,
-                                       prune_type=prune_type, tp=tp))
+            c.loss = loss_of(make_plan(cfg, c.target(how), scores, prune_type=prune_type, tp=tp))
         cands.sort(key=lambda c: (c.loss, -c.proxy))
     return SearchResult(budget=asdict(budget), limits=asdict(limits), shapes=len(shapes),
                         candidates=cands, winner=cands[0],
