@@ -11,7 +11,8 @@ from hf_models import make_hf_llama
 from megatron_prune.checkpoint import convert
 from megatron_prune.cli import main
 from megatron_prune.checkpoint.config import ConfigError, ModelConfig
-from megatron_prune.prune.plan import PrunePlan, PruneTarget, hidden_scores, make_plan
+from megatron_prune.prune.plan import (PrunePlan, PruneTarget, make_plan,
+                                       with_hidden_aggregation)
 from megatron_prune.prune.apply import PLAN_FILE, prune_hf, prune_megatron
 from megatron_prune.prune.scores import ImportanceScores, random_scores
 from checks import assert_same_checkpoint, assert_same_tensors, hf_tensors
@@ -208,7 +209,8 @@ def test_hidden_aggregation_sum_ranks_by_the_raw_norm_vectors(hf, tmp_path, caps
                      "--hidden-aggregation", agg]) == 0
         plan = PrunePlan.load(tmp_path / agg / PLAN_FILE)
         kept[agg] = set(plan.keep_hidden)
-        assert kept[agg] == set(hidden_scores(scores, agg).topk(48).indices.tolist())
+        ranked = with_hidden_aggregation(scores, agg).hidden
+        assert kept[agg] == set(ranked.topk(48).indices.tolist())
         assert plan.meta.get("hidden_aggregation") == (None if agg == "balanced" else "sum")
     assert kept["sum"] != kept["balanced"]
     random_scores(cfg, 1).save(tmp_path / "random.pt")
@@ -217,6 +219,24 @@ def test_hidden_aggregation_sum_ranks_by_the_raw_norm_vectors(hf, tmp_path, caps
                  "--hidden-aggregation", "sum"]) == 2
     assert "--hidden-aggregation sum needs activation or auto scores" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_hidden_aggregation_leaves_autos_taylor_trial_alone(hf):
+    """With auto scores and --hidden-aggregation sum, the activation trial ranks hidden channels
+    by the sum, and auto's Taylor trial (choose.with_choice) by Taylor scores, not the sum."""
+    from megatron_prune.prune.choose import combine, with_choice
+    cfg = _cfg(hf)
+    act, tay = random_scores(cfg, 1), random_scores(cfg, 2)
+    act.meta["norm_l2"] = torch.rand(2 * cfg.num_layers, cfg.hidden_size,
+                                     generator=torch.Generator().manual_seed(3))
+    auto = with_hidden_aggregation(combine(act, tay, torch.zeros(2, 8, dtype=torch.long)), "sum")
+    target = PruneTarget(hidden_size=48, hidden_aggregation="sum")
+    top = lambda t: sorted(t.topk(48).indices.tolist())  # noqa: E731
+    assert make_plan(cfg, target, auto).keep_hidden == top(act.meta["norm_l2"].sum(0))
+    taylor = with_choice(auto, {"hidden": "taylor"})
+    assert make_plan(cfg, target, taylor).keep_hidden == top(tay.hidden)
+    # the same target from unaggregated scores (the API without plan_for) ranks by the sum too
+    assert make_plan(cfg, target, act).keep_hidden == top(act.meta["norm_l2"].sum(0))
 
 
 def test_prune_hf_script_and_seed_names(hf, tmp_path):
@@ -364,6 +384,7 @@ def test_activation_scores_by_definition(hf):
     # --hidden-aggregation sum: the raw per-norm vectors summed (ModelOpt's mcore_minitron)
     assert torch.allclose(torch.as_tensor(scores.meta["norm_l2"]).double(), per_norm, rtol=1e-5)
     minitron = per_norm.sum(0)
-    assert torch.allclose(hidden_scores(scores, "sum"), minitron, rtol=1e-5)
+    assert torch.allclose(with_hidden_aggregation(scores, "sum").hidden.double(), minitron,
+                          rtol=1e-5)
     assert set(minitron.topk(16).indices.tolist()) != set(hidden.topk(16).indices.tolist())
-    assert hidden_scores(scores, "balanced") is scores.hidden
+    assert with_hidden_aggregation(scores, "balanced") is scores

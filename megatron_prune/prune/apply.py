@@ -23,7 +23,7 @@ from megatron_prune.checkpoint.fsutil import atomic_output_dir, check_output
 from megatron_prune.checkpoint.hf import HFCheckpoint, copy_tokenizer, keep_tokenizer
 from megatron_prune.prune.choose import calibration_rows, choose, shrunk_axes
 from megatron_prune.prune.importance_hf import METHODS as DATA_METHODS
-from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan
+from megatron_prune.prune.plan import PrunePlan, PruneTarget, make_plan, with_hidden_aggregation
 from megatron_prune.prune.reconstruct import PROJECTIONS, Reconstruction, fit, fit_rows
 from megatron_prune.prune.stream import LayerStream
 from megatron_prune.prune.scores import ImportanceScores, magnitude_scores, random_scores
@@ -130,7 +130,9 @@ def plan_for(source, target: PruneTarget, importance: str, scores_file, prune_ty
         plan = PrunePlan.load(plan_file)
         plan.check_source(cfg)
         return plan, _replayed_reconstruction(source, plan, plan_file, scores_file, target)
-    scores = compute_scores(source, cfg, importance, scores_file, seed)
+    # (before auto's trials, so its Taylor trial for the hidden channels replaces this ranking)
+    scores = with_hidden_aggregation(compute_scores(source, cfg, importance, scores_file, seed),
+                                     target.hidden_aggregation)
     if target.criteria and scores.method != "auto":
         raise ConfigError(f"--auto-criteria goes with auto scores; {scores_file or importance} "
                           f"holds {scores.method} scores")

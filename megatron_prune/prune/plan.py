@@ -25,7 +25,7 @@ from megatron_prune.prune.scores import ImportanceScores
 
 PRUNE_TYPES = ("balance", "global")
 # hidden channels from activation scores: each norm's L2 vector over its mean, summed (balanced),
-# or the raw L2 vectors summed (sum: ModelOpt's mcore_minitron ranking; see hidden_scores)
+# or the raw L2 vectors summed (sum: ModelOpt's mcore_minitron ranking; with_hidden_aggregation)
 HIDDEN_AGGREGATIONS = ("balanced", "sum")
 LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
 # "auto": chosen by calibration loss with auto scores (prune/choose.py), else block-influence
@@ -236,13 +236,14 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
     if prune_type not in PRUNE_TYPES:
         raise ConfigError(f"--prune-type must be one of {PRUNE_TYPES}, got {prune_type!r}")
     scores.check(cfg)
+    scores = with_hidden_aggregation(scores, target.hidden_aggregation)
     if target.layer_method == AUTO_LAYER_METHOD:  # not chosen by prune/choose.py: the default
         target = dataclasses.replace(target, layer_method="block-influence")
     shape = resolve_target(cfg, target, tp)
     keep_layers = _keep_layers(cfg, target, scores)
     hpg_new = shape["num_attention_heads"] // shape["num_query_groups"]
     hpg = cfg.heads_per_group
-    keep_hidden = _top(hidden_scores(scores, target.hidden_aggregation), shape["hidden_size"])
+    keep_hidden = _top(scores.hidden, shape["hidden_size"])
     keep_groups, keep_heads, keep_ffn = [], [], []
     for layer in keep_layers:
         groups = _select(scores.groups[layer], shape["num_query_groups"], tp, prune_type)
@@ -265,24 +266,28 @@ def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
                      if target.hidden_aggregation != "balanced" else {})
 
 
-def hidden_scores(scores: ImportanceScores, aggregation: str) -> torch.Tensor:
-    """The hidden-channel scores to rank by. `balanced`: the scores as computed (for activation
-    scores, each norm's L2 vector divided by its mean, summed: importance_hf.hidden_from_norms).
-    `sum`: the norms' raw L2 vectors summed, as ModelOpt's Minitron ranks them; it needs the
-    per-norm vectors activation and auto scores keep (meta["norm_l2"]). On SmolLM2-135M the
-    balanced ranking gives the lower calibration loss as pruned, while after distillation the
-    model ranked by the sum did better on LAMBADA (docs/benchmarks.md, "Beside the peers")."""
+def with_hidden_aggregation(scores: ImportanceScores, aggregation: str) -> ImportanceScores:
+    """The scores with their hidden field ranking channels as `aggregation` says. `balanced`:
+    as computed (for activation scores, each norm's L2 vector divided by its mean, summed:
+    importance_hf.hidden_from_norms). `sum`: the norms' raw L2 vectors summed, as ModelOpt's
+    Minitron ranks them, from the per-norm vectors activation and auto scores keep
+    (meta["norm_l2"]). The result records it in meta, so that a later swap of the hidden field
+    (auto's Taylor trial, choose.with_choice) is left alone. On SmolLM2-135M the balanced ranking
+    gives the lower calibration loss as pruned, while after distillation the model ranked by
+    the sum did better on LAMBADA (docs/benchmarks.md, "Beside the peers")."""
     if aggregation not in HIDDEN_AGGREGATIONS:
         raise ConfigError(f"--hidden-aggregation must be one of {HIDDEN_AGGREGATIONS}, "
                           f"got {aggregation!r}")
-    if aggregation == "balanced":
-        return scores.hidden
+    if aggregation == "balanced" or scores.meta.get("hidden_aggregation") == aggregation:
+        return scores
     norms = scores.meta.get("norm_l2")
     if norms is None:
         raise ConfigError(f"--hidden-aggregation sum needs activation or auto scores from "
                           f"importance at this version (per-norm statistics); these are "
                           f"{scores.method} scores without them")
-    return torch.as_tensor(norms).double().sum(0)
+    hidden = torch.as_tensor(norms).double().sum(0).to(scores.hidden.dtype)
+    return dataclasses.replace(scores, hidden=hidden,
+                               meta={**scores.meta, "hidden_aggregation": aggregation})
 
 
 def norm_scales(energy: torch.Tensor, keep_hidden: list, keep_layers: list) -> dict:
