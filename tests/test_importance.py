@@ -111,6 +111,26 @@ def test_layer_loss_is_the_loss_of_the_model_without_that_layer(stories260k_hf, 
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_layer_loss_equals_the_whole_model_with_the_layer_skipped(stories260k_hf, sampled, attn):
+    """`layer_losses` reuses the layers before the skipped one; its losses equal, to the last
+    bit, the whole model run again with `skip_layer` on that layer (the definition), with the
+    attention implementation's own mask (eager builds one, sdpa with no padding none) and a last
+    micro-batch smaller than the others."""
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.prune.importance_hf import layer_losses, mean_loss, skip_layer
+    model = load_hf_model(stories260k_hf).eval()
+    model.config._attn_implementation = attn
+    batches = calibration_batches(load_tokenizer(stories260k_hf), [sampled[0]], 7, 48)
+    want = [mean_loss(model, batches, 3)]
+    for layer in model.model.layers:
+        hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
+        want.append(mean_loss(model, batches, 3))
+        hook.remove()
+    got = layer_losses(model, batches, 3, progress=False)
+    assert [got["loss"]] + got["layer_loss"] == want
+
+
 def test_calibration_errors(stories260k_hf, sampled, tmp_path, capsys):
     assert main(["importance", "--hf-dir", str(stories260k_hf), "--data", str(sampled[0]),
                  "--samples", "100000", "--seq-length", "64", "--save", str(tmp_path / "x.pt")]) == 2

@@ -21,8 +21,8 @@ activation — forward passes only, hooks on the model:
   * each norm's L2 vector itself (meta["norm_l2"], [2L, hidden]), for ranking hidden channels
     by their plain sum instead (`prune --hidden-aggregation sum`, ModelOpt's ranking).
 layer loss (`layer_losses`, optional beside either method) — the calibration LM loss with each
-  layer skipped in turn (its output replaced by its input): one forward pass over the data per
-  layer. The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
+  layer skipped in turn (its output replaced by its input), the layers before it not rerun.
+  The perplexity criterion of Kim et al., "Shortened LLaMA" (2024), for choosing layers.
 taylor — first-order Taylor importance |w * dL/dw| summed over each structure's weights, with the
   LM loss on the calibration data (the gradient-sensitivity criterion of the BlockSheared design).
 
@@ -231,15 +231,62 @@ def mean_loss(model, batches: torch.Tensor, micro_batch: int) -> float:
 
 def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
                  progress: bool = True) -> dict:
-    """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}."""
-    out = {"loss": mean_loss(model, batches, micro_batch), "layer_loss": []}
-    for layer in tqdm(model.model.layers, desc="layer loss", disable=not progress, unit="layer"):
-        hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
-        try:
-            out["layer_loss"].append(mean_loss(model, batches, micro_batch))
-        finally:
-            hook.remove()
-    return out
+    """{"loss": the calibration loss, "layer_loss": [the loss with layer i skipped]}, each as
+    `mean_loss` gives it for the model with layer i's output replaced by its input (`skip_layer`).
+
+    Skipping layer i leaves layers 0..i-1 as they are, so their work is not redone: per
+    micro-batch the whole model runs once (the plain loss; the arguments LlamaModel hands its
+    layers are kept), then for each i the running input of layer i goes through layers i+1.. only,
+    and through layer i to become the next one's input. L(L+3)/2 layer calls instead of L(L+1),
+    two hidden states held at a time; the same operations on the same inputs as the whole model
+    with the hook, so the same losses to the last bit (tested)."""
+    layers = model.model.layers
+    sums = torch.zeros(len(layers) + 1, dtype=torch.float64)  # [plain, skip 0..L-1]
+    steps = math.ceil(len(batches) / micro_batch)
+    bar = tqdm(total=len(layers) * steps, desc=f"layer loss ({steps} micro-batches)",
+               unit="layer", disable=not progress)
+    device = next(model.parameters()).device
+    with torch.no_grad(), bar:
+        for start in range(0, len(batches), micro_batch):
+            ids = batches[start:start + micro_batch].to(device)
+            hidden, kwargs, loss = _first_layer_call(model, ids)
+            sums[0] += loss.double().cpu() * len(ids)
+            for i in range(len(layers)):
+                tail = hidden
+                for layer in layers[i + 1:]:
+                    tail = _hidden(layer(tail, **kwargs))
+                sums[i + 1] += _lm_loss(model, tail, ids).double().cpu() * len(ids)
+                hidden = _hidden(layers[i](hidden, **kwargs))
+                bar.update()
+    mean = (sums / len(batches)).tolist()
+    return {"loss": mean[0], "layer_loss": mean[1:]}
+
+
+def _first_layer_call(model, ids: torch.Tensor):
+    """One whole forward pass: layer 0's input and the keyword arguments LlamaModel gives every
+    layer (mask, positions, rotary embedding: whatever this transformers release passes), and the
+    loss. No KV cache, so the layers can be called again with the same arguments."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.setdefault("call", (args[0] if args else kwargs["hidden_states"],
+                                 {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+    hook = model.model.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    finally:
+        hook.remove()
+    return (*seen["call"], loss)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _lm_loss(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The loss LlamaForCausalLM computes from its last layer's output."""
+    logits = model.lm_head(model.model.norm(hidden))
+    return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
 
 
 def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: int = 4,
