@@ -1,6 +1,6 @@
 """bench/hidden_votes.py: where `balanced` and `sum` disagree, the norm that pulled the balanced
 ranking its way is found, and the per-norm pulls add up to the whole preference. The rankings
-are those of `prune --hidden-aggregation` (the scores' hidden field and plan.with_hidden_aggregation)."""
+are those of `prune --hidden-aggregation` (the scores' hidden field, with_hidden_aggregation)."""
 from __future__ import annotations
 
 import sys

@@ -4,7 +4,9 @@ Every multi-rank run is a real launch: `torchrun --nproc_per_node 2 -m megatron_
 --load DIR` (backend auto = megatron), or a script launched the same way. Tolerances (atol 0):
 activation scores agree to rtol 1e-5 (measured: <= 4e-7 relative, every field and the angular
 matrix), taylor scores to rtol 2e-5 (measured: <= 3e-7 on the random model here, <= 2.2e-6 on
-stories260K at TP=2: products of fp32 gradients), `--layer-loss` losses to rtol 1e-5.
+stories260K at TP=2: products of fp32 gradients), `--layer-loss` losses to rtol 1e-5 (and,
+without pipeline stages, where layers before the skipped one are not rerun, equal to the last bit
+to the whole model run again with that layer skipped).
 """
 from __future__ import annotations
 
@@ -154,6 +156,13 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
                                         progress=False)
         if s is not None:
             s.save({str(tmp_path)!r} + "/auto.pt")
+        # the layer losses as defined: the whole model again with each layer skipped
+        import megatron_prune.prune.importance_mcore as im
+        im._layer_losses = im._layer_losses_rerun
+        s = compute_importance_megatron({str(tmp_path / "pp2")!r}, "activation", x, 2, tp=2,
+                                        pp=1, progress=False, layer_loss=True)
+        if s is not None:
+            s.save({str(tmp_path)!r} + "/rerun.pt")
     """))
     proc = subprocess.run(TORCHRUN + [str(script)], capture_output=True, text=True, timeout=300,
                           env=ENV)
@@ -169,6 +178,9 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
             got = ImportanceScores.load(tmp_path / f"{method}_tp{tp}pp{pp}.pt")
             assert (got.meta["tp"], got.meta["pp"], got.meta["dp"]) == (tp, pp, 2 // (tp * pp))
             assert_same(got, want[method], rtol, angular=method == "activation")
+    fast, rerun = (ImportanceScores.load(tmp_path / f).meta for f in ("taylor_tp2pp1.pt",
+                                                                      "rerun.pt"))
+    assert [fast["loss"]] + fast["layer_loss"] == [rerun["loss"]] + rerun["layer_loss"]
     auto = ImportanceScores.load(tmp_path / "auto.pt")  # activation's fields, taylor's in meta
     assert auto.method == "auto" and torch.equal(auto.meta["calibration"].long(), x[:16])
     want["activation"].meta.pop("layer_loss", None)
