@@ -249,28 +249,30 @@ def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
     with torch.no_grad(), bar:
         for start in range(0, len(batches), micro_batch):
             ids = batches[start:start + micro_batch].to(device)
-            hidden, kwargs, loss = _first_layer_call(model, ids)
+            hidden, args, kwargs, loss = _first_layer_call(model, ids)
             sums[0] += loss.double().cpu() * len(ids)
             for i in range(len(layers)):
                 tail = hidden
                 for layer in layers[i + 1:]:
-                    tail = _hidden(layer(tail, **kwargs))
+                    tail = _hidden(layer(tail, *args, **kwargs))
                 sums[i + 1] += _lm_loss(model, tail, ids).double().cpu() * len(ids)
-                hidden = _hidden(layers[i](hidden, **kwargs))
+                hidden = _hidden(layers[i](hidden, *args, **kwargs))
                 bar.update()
     mean = (sums / len(batches)).tolist()
     return {"loss": mean[0], "layer_loss": mean[1:]}
 
 
 def _first_layer_call(model, ids: torch.Tensor):
-    """One whole forward pass: layer 0's input and the keyword arguments LlamaModel gives every
-    layer (mask, positions, rotary embedding: whatever this transformers release passes), and the
-    loss. No KV cache, so the layers can be called again with the same arguments."""
+    """One whole forward pass: layer 0's input, the other arguments LlamaModel gives every layer
+    (mask, positions, rotary embedding: whatever this transformers release passes, positional
+    and keyword), and the loss. No KV cache, so the layers can be called again with the same
+    arguments."""
     seen = {}
 
     def keep(module, args, kwargs):
-        seen.setdefault("call", (args[0] if args else kwargs["hidden_states"],
-                                 {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        kw = dict(kwargs)
+        hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
+        seen.setdefault("call", (hidden, rest, kw))
     hook = model.model.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss

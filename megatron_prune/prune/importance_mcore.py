@@ -427,7 +427,7 @@ def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
                                desc=f"layer loss ({len(mine)} micro-batches)",
                                disable=not progress or dist.get_rank() != 0) as bar:
         for ids in mine:
-            hidden, kwargs, out = _first_layer_call(run, ids)
+            hidden, args, kwargs, out = _first_layer_call(run, ids)
             sums[0] += _batch_loss(run, out, ids)
             for i in range(len(layers)):
                 decoder.layers = layers[i + 1:]
@@ -436,19 +436,20 @@ def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
                 finally:
                     decoder.layers = layers
                 sums[i + 1] += _batch_loss(run, out, ids)
-                hidden = layers[i](hidden_states=hidden, **kwargs)[0]
+                hidden = layers[i](hidden, *args, **kwargs)[0]
                 bar.update()
     return _mean_losses(run, sums, len(batches))
 
 
 def _first_layer_call(run: _Run, ids: torch.Tensor):
     """The whole model on `ids`: layer 0's input, the other arguments the decoder gives every
-    layer (mask, rotary embedding, ...), and the logits."""
+    layer (mask, rotary embedding, ...; positional, keyword), and the logits."""
     seen = {}
 
     def keep(module, args, kwargs):
         kw = dict(kwargs)
-        seen.setdefault("call", (args[0] if args else kw.pop("hidden_states"), kw))
+        hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
+        seen.setdefault("call", (hidden, rest, kw))
     hook = run.model.decoder.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         out = pipeline_forward(run.model, ids)
