@@ -4,9 +4,9 @@ Every multi-rank run is a real launch: `torchrun --nproc_per_node 2 -m megatron_
 --load DIR` (backend auto = megatron), or a script launched the same way. Tolerances (atol 0):
 activation scores agree to rtol 1e-5 (measured: <= 4e-7 relative, every field and the angular
 matrix), taylor scores to rtol 2e-5 (measured: <= 3e-7 on the random model here, <= 2.2e-6 on
-stories260K at TP=2: products of fp32 gradients), `--layer-loss` losses to rtol 1e-5 (and,
-without pipeline stages, where layers before the skipped one are not rerun, equal to the last bit
-to the whole model run again with that layer skipped).
+stories260K at TP=2: products of fp32 gradients), `--layer-loss` losses to rtol 1e-5 (and at
+TP=2 and PP=2, where layers before the skipped one are not rerun, equal to the last bit to the
+whole pipeline run again with that layer skipped).
 """
 from __future__ import annotations
 
@@ -156,13 +156,32 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
                                         progress=False)
         if s is not None:
             s.save({str(tmp_path)!r} + "/auto.pt")
-        # the layer losses as defined: the whole model again with each layer skipped
+        # the layer losses as defined: the whole pipeline again with each layer skipped
         import megatron_prune.prune.importance_mcore as im
-        im._layer_losses = im._layer_losses_rerun
-        s = compute_importance_megatron({str(tmp_path / "pp2")!r}, "activation", x, 2, tp=2,
-                                        pp=1, progress=False, layer_loss=True)
-        if s is not None:
-            s.save({str(tmp_path)!r} + "/rerun.pt")
+        from megatron_prune.mcore.parallel import pipeline_forward
+        from megatron_prune.prune.loss_mcore import batch_loss, mean_losses
+        from megatron_prune.prune.importance_hf import skip_layer
+
+        def rerun(run, batches, micro_batch, progress):
+            sums = torch.zeros(run.cfg.num_layers + 1, dtype=torch.float64)
+            run.model.eval()
+            with torch.no_grad():
+                for i in range(-1, run.cfg.num_layers):
+                    hook = None
+                    if run.start <= i < run.end:
+                        hook = run.model.decoder.layers[i - run.start].register_forward_hook(
+                            skip_layer, with_kwargs=True)
+                    for ids in run.my_batches(batches, micro_batch):
+                        sums[i + 1] += batch_loss(run, pipeline_forward(run.model, ids), ids)
+                    if hook is not None:
+                        hook.remove()
+            return mean_losses(run, sums, len(batches))
+        im.layer_losses = rerun
+        for tp, pp in ((2, 1), (1, 2)):
+            s = compute_importance_megatron({str(tmp_path / "pp2")!r}, "activation", x, 2,
+                                            tp=tp, pp=pp, progress=False, layer_loss=True)
+            if s is not None:
+                s.save({str(tmp_path)!r} + f"/rerun_tp{{tp}}pp{{pp}}.pt")
     """))
     proc = subprocess.run(TORCHRUN + [str(script)], capture_output=True, text=True, timeout=300,
                           env=ENV)
@@ -178,9 +197,10 @@ def test_untied_padded_vocab_tp2_pp2_dp2(tmp_path):
             got = ImportanceScores.load(tmp_path / f"{method}_tp{tp}pp{pp}.pt")
             assert (got.meta["tp"], got.meta["pp"], got.meta["dp"]) == (tp, pp, 2 // (tp * pp))
             assert_same(got, want[method], rtol, angular=method == "activation")
-    fast, rerun = (ImportanceScores.load(tmp_path / f).meta for f in ("taylor_tp2pp1.pt",
-                                                                      "rerun.pt"))
-    assert [fast["loss"]] + fast["layer_loss"] == [rerun["loss"]] + rerun["layer_loss"]
+    for tp, pp in ((2, 1), (1, 2)):  # layers before the skipped one not rerun: the same bits
+        fast, rerun = (ImportanceScores.load(tmp_path / f"{m}_tp{tp}pp{pp}.pt").meta
+                       for m in ("taylor", "rerun"))
+        assert [fast["loss"]] + fast["layer_loss"] == [rerun["loss"]] + rerun["layer_loss"]
     auto = ImportanceScores.load(tmp_path / "auto.pt")  # activation's fields, taylor's in meta
     assert auto.method == "auto" and torch.equal(auto.meta["calibration"].long(), x[:16])
     want["activation"].meta.pop("layer_loss", None)

@@ -1,5 +1,6 @@
 """Process groups: torch.distributed plus megatron-core's model-parallel groups, and running a
-model split over pipeline stages (`pipeline_forward`, `gather_tp_logits`).
+model split over pipeline stages (`pipeline_forward` and its `recv_hidden` / `send_hidden`,
+`gather_tp_logits`).
 
 megatron-core is imported lazily inside the functions: importing this module stays cheap.
 """
@@ -142,24 +143,41 @@ def pipeline_forward(model, input_ids: torch.Tensor, position_ids: Optional[torc
     (A hand-rolled schedule of one micro-batch: mcore's `get_forward_backward_func` schedules
     allocate CUDA tensors unconditionally in 0.16.1.)
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    b, s = input_ids.shape
     if position_ids is None:
-        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    if not first:
-        cfg = model.config
-        hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.params_dtype, device=input_ids.device)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(hidden)
+        position_ids = positions_of(input_ids)
+    if not ps.is_pipeline_first_stage():
+        model.set_input_tensor(recv_hidden(model, input_ids))
     with quiet_megatron_import():
         out = model(input_ids, position_ids, attention_mask)
-    if not last:
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out
+    return send_hidden(out)
+
+
+def positions_of(input_ids: torch.Tensor) -> torch.Tensor:
+    b, s = input_ids.shape
+    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+
+
+def recv_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The previous pipeline stage's hidden states [seq, batch, hidden] for `input_ids`."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    b, s = input_ids.shape
+    cfg = model.config
+    hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.params_dtype, device=input_ids.device)
+    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+    return hidden
+
+
+def send_hidden(out: torch.Tensor) -> Optional[torch.Tensor]:
+    """On a non-last stage: `out` sent to the next stage, None returned; on the last: `out`."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    if ps.is_pipeline_last_stage():
+        return out
+    dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    return None
 
 
 def gather_tp_logits(logits: torch.Tensor, vocab_size: Optional[int] = None) -> torch.Tensor:

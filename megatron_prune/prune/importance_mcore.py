@@ -32,11 +32,10 @@ taylor — |w * mean dL/dw| with the LM loss over the real (unpadded) vocab; bac
   into the HF tensors they are a part of (through `layout`'s split rules) and summed per
   structure by `scores.weight_structure_scores`; the per-structure sums are all-reduced.
 layer loss (`layer_loss=True`, beside either method) — the calibration LM loss (HF's mean over
-  the real vocab) with each layer skipped in turn. Without pipeline stages the layers before the
-  skipped one are not rerun (as on the HF side); with stages a forward hook on the stage that
-  holds the layer hands its input on and the whole pipeline runs again. The last stage sums
-  the loss, one SUM all-reduce adds the data-parallel replicas' shares (counted on TP rank 0 of
-  the last stage).
+  the real vocab) with each layer skipped in turn, the layers before it not rerun (as on the HF
+  side; at any TP and PP: the stage holding the layer runs on from its running input, later
+  stages run whole, earlier ones wait). The last stage sums the loss, one SUM all-reduce adds the
+  data-parallel replicas' shares (counted on TP rank 0 of the last stage).
 
 Only global rank 0 gets the scores (every other rank gets None).
 """
@@ -58,6 +57,7 @@ from megatron_prune.mcore.parallel import (destroy_distributed, init_distributed
 from megatron_prune.prune.choose import combine
 from megatron_prune.prune.importance_hf import (heads_from_channels, hidden_from_norms,
                                                 norm_energy_hook)
+from megatron_prune.prune.loss_mcore import layer_losses, masked_vocab
 from megatron_prune.prune.scores import ImportanceScores, shape_of, weight_structure_scores
 
 log = logging.getLogger(__name__)
@@ -248,14 +248,6 @@ def _activation(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bo
 
 
 # ============================================================================ taylor
-def _masked_vocab(logits: torch.Tensor, run: _Run) -> torch.Tensor:
-    """Vocab-parallel logits with Megatron's padding columns set to -inf (the HF model has none)."""
-    local = logits.shape[-1]
-    cols = run.tp_rank * local + torch.arange(local, device=logits.device)
-    pad = cols >= run.cfg.vocab_size
-    return logits.masked_fill(pad, float("-inf")) if bool(pad.any()) else logits
-
-
 def _forward_backward(run: _Run, ids: torch.Tensor) -> None:
     """One micro-batch through the pipeline and back: grads accumulate in the parameters.
 
@@ -277,7 +269,7 @@ def _forward_backward(run: _Run, ids: torch.Tensor) -> None:
     with quiet_megatron_import():
         out = model(ids, position_ids, None)
     if last:
-        logits = _masked_vocab(out, run)[:, :-1].float().contiguous()
+        logits = masked_vocab(out, run)[:, :-1].float().contiguous()
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, ids[:, 1:].contiguous())
         (per_token.mean() * b).backward()
     else:
@@ -381,118 +373,6 @@ def _taylor(run: _Run, batches: torch.Tensor, micro_batch: int, progress: bool):
                             meta={"samples": len(batches), "seq_length": batches.shape[1]})
 
 
-# ============================================================================ layer loss
-def _batch_loss(run: _Run, out: Optional[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """The micro-batch's sum over samples of the mean next-token loss (non-zero on TP rank 0 of
-    the last stage only, so that one SUM all-reduce over the world totals the replicas)."""
-    from megatron.core import tensor_parallel
-    zero = torch.zeros((), dtype=torch.float64, device=run.device)
-    if out is None:
-        return zero
-    logits = _masked_vocab(out, run)[:, :-1].float().contiguous()
-    # (a collective over the TP group: every TP rank computes it, rank 0 counts it)
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, ids[:, 1:].contiguous())
-    return per_token.double().mean(1).sum() if run.tp_rank == 0 else zero
-
-
-def _loss_sum(run: _Run, batches: torch.Tensor, micro_batch: int) -> torch.Tensor:
-    """Sum over this replica's samples of the mean next-token loss (`_batch_loss`)."""
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    for ids in run.my_batches(batches, micro_batch):
-        total += _batch_loss(run, pipeline_forward(run.model, ids), ids)
-    return total
-
-
-def _layer_losses(run: _Run, batches: torch.Tensor, micro_batch: int,
-                  progress: bool) -> Optional[dict]:
-    """{"loss", "layer_loss"} as `importance_hf.layer_losses`, on global rank 0 (None elsewhere).
-
-    Without pipeline stages, as there: per micro-batch the whole model runs once, then for each
-    i the running input of layer i goes through layers i+1.. only (the model's own forward with
-    its decoder holding just those layers, from that input), and through layer i with the
-    arguments the decoder gave it. With stages, the whole pipeline runs again per skipped layer
-    (`_layer_losses_rerun`)."""
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-    if run.pp > 1:
-        return _layer_losses_rerun(run, batches, micro_batch, progress)
-    decoder = run.model.decoder
-    layers = decoder.layers
-    sums = torch.zeros(len(layers) + 1, dtype=torch.float64, device=run.device)
-    mine = list(run.my_batches(batches, micro_batch))
-    positions = (lambda ids: torch.arange(ids.shape[1], device=ids.device)  # as pipeline_forward
-                 .unsqueeze(0).expand(ids.shape))
-    run.model.eval()
-    with torch.no_grad(), tqdm(total=len(layers) * len(mine), unit="layer",
-                               desc=f"layer loss ({len(mine)} micro-batches)",
-                               disable=not progress or dist.get_rank() != 0) as bar:
-        for ids in mine:
-            hidden, args, kwargs, out = _first_layer_call(run, ids)
-            sums[0] += _batch_loss(run, out, ids)
-            for i in range(len(layers)):
-                decoder.layers = layers[i + 1:]
-                try:
-                    out = run.model(ids, positions(ids), None, decoder_input=hidden)
-                finally:
-                    decoder.layers = layers
-                sums[i + 1] += _batch_loss(run, out, ids)
-                hidden = layers[i](hidden, *args, **kwargs)[0]
-                bar.update()
-    return _mean_losses(run, sums, len(batches))
-
-
-def _first_layer_call(run: _Run, ids: torch.Tensor):
-    """The whole model on `ids`: layer 0's input, the other arguments the decoder gives every
-    layer (mask, rotary embedding, ...; positional, keyword), and the logits."""
-    seen = {}
-
-    def keep(module, args, kwargs):
-        kw = dict(kwargs)
-        hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
-        seen.setdefault("call", (hidden, rest, kw))
-    hook = run.model.decoder.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        out = pipeline_forward(run.model, ids)
-    finally:
-        hook.remove()
-    return (*seen["call"], out)
-
-
-def _layer_losses_rerun(run: _Run, batches: torch.Tensor, micro_batch: int,
-                        progress: bool) -> Optional[dict]:
-    """The same losses, the whole pipeline run again with each layer skipped in turn."""
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from megatron_prune.prune.importance_hf import skip_layer
-    L = run.cfg.num_layers
-    sums = torch.zeros(L + 1, dtype=torch.float64, device=run.device)  # [base, skip 0..L-1]
-    run.model.eval()
-    with torch.no_grad():
-        sums[0] = _loss_sum(run, batches, micro_batch)
-        for i in tqdm(range(L), desc="layer loss", unit="layer",
-                      disable=not progress or dist.get_rank() != 0):
-            hook = None
-            if run.start <= i < run.end:
-                layer = run.model.decoder.layers[i - run.start]
-                hook = layer.register_forward_hook(skip_layer, with_kwargs=True)
-            try:
-                sums[i + 1] = _loss_sum(run, batches, micro_batch)
-            finally:
-                if hook is not None:
-                    hook.remove()
-    return _mean_losses(run, sums, len(batches))
-
-
-def _mean_losses(run: _Run, sums: torch.Tensor, samples: int) -> Optional[dict]:
-    import torch.distributed as dist
-    run.all_reduce(sums)
-    if dist.get_rank() != 0:
-        return None
-    mean = (sums / samples).tolist()
-    return {"loss": mean[0], "layer_loss": mean[1:]}
-
-
 # ============================================================================ entry point
 def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_batch: int = 4,
                                 *, tp: Optional[int] = None, pp: Optional[int] = None,
@@ -503,7 +383,7 @@ def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_
 
     Call on every rank with the same `batches` [samples, seq]; global rank 0 gets the scores,
     the others None. TP/PP: see `resolve_parallel`; world size / (TP x PP) replicas share the
-    micro-batches (data parallel). `layer_loss`: also `_layer_losses` in the meta. The process
+    micro-batches (data parallel). `layer_loss`: also `loss_mcore.layer_losses` in the meta. The process
     group and megatron-core's model-parallel groups are set up when missing and torn down
     afterwards; a caller's own stay (to call this several times in one launch, initialise
     torch.distributed first)."""
@@ -540,7 +420,7 @@ def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_
             else:
                 scores = combine(scores, tay, batches)
         if layer_loss:
-            losses = _layer_losses(run, batches, micro_batch, progress)
+            losses = layer_losses(run, batches, micro_batch, progress)
             if scores is not None:
                 scores.meta.update(losses)
         if scores is not None:
