@@ -383,9 +383,9 @@ def compute_importance_megatron(load, method: str, batches: torch.Tensor, micro_
 
     Call on every rank with the same `batches` [samples, seq]; global rank 0 gets the scores,
     the others None. TP/PP: see `resolve_parallel`; world size / (TP x PP) replicas share the
-    micro-batches (data parallel). `layer_loss`: also `loss_mcore.layer_losses` in the meta. The process
-    group and megatron-core's model-parallel groups are set up when missing and torn down
-    afterwards; a caller's own stay (to call this several times in one launch, initialise
+    micro-batches (data parallel). `layer_loss`: also `loss_mcore.layer_losses` in the meta.
+    The process group and megatron-core's model-parallel groups are set up when missing and torn
+    down afterwards; a caller's own stay (to call this several times in one launch, initialise
     torch.distributed first)."""
     from megatron_prune.checkpoint.legacy import LegacyCheckpoint
     from megatron_prune.checkpoint.megatron_dirs import check_megatron_input, checkpoint_format
