@@ -10,8 +10,14 @@ channels as `prune` does), printing the calibration loss of each pruned model:
 
 hidden  L2 over norms x samples (ours before 0cefb8b) | sum over norms of each norm's L2
         (ModelOpt 0.35.1's mcore_minitron) | each norm's L2 divided by its mean, summed (ours now)
+        | the same without layer 0's input norm (the one that sees the token embeddings;
+        bench/hidden_votes.py found it decides where ours and ModelOpt's rankings differ)
 heads   mean over tokens of each head's norm (ours before) | L2 over the head's channels of the
         per-channel statistic (ModelOpt's, ours now)
+
+Two calibration losses: on the scored rows (those the statistics come from) and on the 16
+held-out rows `auto` judges its choices on (the auto scores' meta["calibration"]). The plans
+keep the kept o_proj / down_proj columns as they are (no refit), so only the ranking differs.
 
     python bench/activation_aggregation.py --bench /tmp/peers     # prune_peers.py's --out
 """
@@ -36,7 +42,8 @@ from megatron_prune.prune.apply import _calibration_loss  # noqa: E402
 from megatron_prune.prune.plan import PrunePlan, norm_scales  # noqa: E402
 from megatron_prune.prune.scores import ImportanceScores  # noqa: E402
 
-PLANS = {"W": "ours-activation", "WD": "ours-activation-block-influence"}
+PLANS = {"H": "ours-activation", "W": "ours-activation", "WD": "ours-activation-block-influence"}
+HEADS_AT = ("W", "WD")  # H keeps every head
 
 
 def capture(teacher: Path, calib: torch.Tensor, micro_batch: int = 4) -> dict:
@@ -77,7 +84,9 @@ def variants(c: dict) -> tuple:
     hidden = {"L2 over norms x samples (ours before)": c["norms"].sum(0).sqrt(),
               "sum over norms of each norm's L2 (Minitron)": l2.sum(0),
               "each norm's L2 / its mean, summed (ours now)":
-                  (l2 / l2.mean(1, keepdim=True)).sum(0)}
+                  (l2 / l2.mean(1, keepdim=True)).sum(0),
+              "the same without layer 0's input norm":
+                  (l2 / l2.mean(1, keepdim=True))[1:].sum(0)}
     heads = {"mean over tokens of each head's norm (ours before)": c["head_norms"].sqrt(),
              "L2 over channels of the channel statistic (Minitron, ours now)":
                  c["channels"].sqrt().unflatten(-1, (-1, c["head_dim"])).norm(dim=-1)}
@@ -89,16 +98,19 @@ def main(argv=None) -> int:
     p.add_argument("--bench", type=Path, required=True, help="prune_peers.py's --out")
     args = p.parse_args(argv)
     calib = torch.load(args.bench / "data" / "calib.pt")
+    held = torch.as_tensor(ImportanceScores.load(args.bench / "scores" / "auto-layer-loss.pt")
+                           .meta["calibration"]).long()
     hidden, heads = variants(capture(args.bench / "teacher", calib))
     energy = torch.as_tensor(ImportanceScores.load(args.bench / "scores" / "activation.pt")
                              .meta["norm_energy"])  # the same for every aggregation
-    loss = _calibration_loss(HFSource(HFCheckpoint(args.bench / "teacher")), calib, 4)
+    source = HFSource(HFCheckpoint(args.bench / "teacher"))
+    losses = [_calibration_loss(source, rows, 4) for rows in (calib, held)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        def score(plan: dict) -> float:
+        def score(plan: dict) -> tuple:
             f = Path(tmp) / "plan.json"
             f.write_text(json.dumps(plan))
-            return loss(PrunePlan.load(f))
+            return tuple(loss(PrunePlan.load(f)) for loss in losses)
         for target, system in PLANS.items():
             base = json.loads((args.bench / "models" / target / system / "prune_plan.json")
                               .read_text())
@@ -109,6 +121,8 @@ def main(argv=None) -> int:
                 plan["norm_scale"] = norm_scales(energy, plan["keep_hidden"], plan["keep_layers"])
                 rows.append((target, "hidden", name, score(plan)))
                 print(rows[-1], flush=True)
+            if target not in HEADS_AT:
+                continue
             per_group = len(base["keep_heads"][0][0])
             for name, v in heads.items():
                 plan = copy.deepcopy(base)
@@ -119,8 +133,9 @@ def main(argv=None) -> int:
                     for layer, groups in zip(base["keep_layers"], base["keep_groups"])]
                 rows.append((target, "heads", name, score(plan)))
                 print(rows[-1], flush=True)
-    lines = ["| target | scores | aggregation | calibration loss |", "|---|---|---|---|"]
-    lines += [f"| {t} | {k} | {n} | {v:.4f} |" for t, k, n, v in rows]
+    lines = ["| target | scores | aggregation | calibration loss (scored rows) | "
+             "calibration loss (held-out rows) |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {k} | {n} | {v[0]:.4f} | {v[1]:.4f} |" for t, k, n, v in rows]
     print("\n".join(lines))
     (args.bench / "aggregation.md").write_text("\n".join(lines) + "\n")
     return 0
