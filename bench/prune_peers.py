@@ -148,7 +148,7 @@ def target_flags(target: dict) -> list:
 
 def our_scores(out: Path, data: dict, method: str, layer_loss: bool = False) -> tuple:
     """`importance` once per data-driven method (and once more with --layer-loss, which
-    costs a forward pass per layer, for --layer-method perplexity)."""
+    costs about half a forward pass per layer, for --layer-method perplexity)."""
     path = out / "scores" / f"{method}{'-layer-loss' if layer_loss else ''}.pt"
     stats_file = path.with_suffix(".json")
     if method == "activation" and layer_loss:

@@ -125,9 +125,9 @@ def add_parsers(sub) -> None:
                         "sequences; prune then takes each dimension's criterion (and the layer "
                         "method) that gives the lower calibration loss for its target")
     p.add_argument("--layer-loss", action="store_true",
-                   help="also measure the calibration loss with each layer skipped (one more "
-                        "forward pass over the data per layer), for prune --layer-method "
-                        "perplexity")
+                   help="also measure the calibration loss with each layer skipped (the "
+                        "layers before it are not rerun: about half a forward pass over the "
+                        "data per layer), for prune --layer-method perplexity")
     p.add_argument("--samples", type=int, default=1024, help="calibration sequences")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)
