@@ -31,6 +31,7 @@ checkpoint merged from its shards), on CUDA when available.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -264,21 +265,30 @@ def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
 
 def _first_layer_call(model, ids: torch.Tensor):
     """One whole forward pass: layer 0's input, the other arguments LlamaModel gives every layer
-    (mask, positions, rotary embedding: whatever this transformers release passes, positional
-    and keyword), and the loss. No KV cache, so the layers can be called again with the same
-    arguments."""
-    seen = {}
-
-    def keep(module, args, kwargs):
-        kw = dict(kwargs)
-        hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
-        seen.setdefault("call", (hidden, rest, kw))
-    hook = model.model.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
+    (mask, positions, rotary embedding: whatever this transformers release passes), and the
+    loss. No KV cache, so the layers can be called again with the same arguments."""
+    with first_call(model.model.layers[0]) as call:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    return (*call, loss)
+
+
+@contextlib.contextmanager
+def first_call(module: torch.nn.Module):
+    """A list that receives, once `module` is first called inside the block, its hidden-state
+    input (the first positional argument, or `hidden_states=`), its other positional arguments
+    and its keyword arguments: what a caller needs to call it, or its siblings, again."""
+    call = []
+
+    def keep(mod, args, kwargs):
+        if not call:
+            kw = dict(kwargs)
+            hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
+            call.extend((hidden, rest, kw))
+    hook = module.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield call
     finally:
         hook.remove()
-    return (*seen["call"], loss)
 
 
 def _hidden(out):

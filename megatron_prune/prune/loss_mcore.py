@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_prune.mcore.parallel import pipeline_forward, positions_of, recv_hidden, send_hidden
+from megatron_prune.prune.importance_hf import first_call
 
 
 def masked_vocab(logits: torch.Tensor, run) -> torch.Tensor:
@@ -87,20 +88,11 @@ def _stage_forward(run, ids: torch.Tensor, hidden: torch.Tensor, layers) -> torc
 
 def _first_layer_call(run, ids: torch.Tensor):
     """The whole pipeline on `ids`: this stage's first layer's input, the other arguments the
-    decoder gives every layer (mask, rotary embedding, ...; positional, keyword), and the logits
-    (None off the last stage)."""
-    seen = {}
-
-    def keep(module, args, kwargs):
-        kw = dict(kwargs)
-        hidden, rest = (args[0], args[1:]) if args else (kw.pop("hidden_states"), ())
-        seen.setdefault("call", (hidden, rest, kw))
-    hook = run.model.decoder.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
+    decoder gives every layer (mask, rotary embedding, ...), and the logits (None off the last
+    stage)."""
+    with first_call(run.model.decoder.layers[0]) as call:
         out = pipeline_forward(run.model, ids)
-    finally:
-        hook.remove()
-    return (*seen["call"], out)
+    return (*call, out)
 
 
 def mean_losses(run, sums: torch.Tensor, samples: int) -> Optional[dict]:
