@@ -40,7 +40,7 @@ def hidden_votes(norm_l2: torch.Tensor, keep: int) -> dict:
     without = [len(_top(rel.sum(0) - rel[i], keep) & set(only_b)) for i in range(len(n))]
     return {"only_balanced": only_b, "only_sum": only_s, "pull": pull.tolist(),
             "raw_share": (n.sum(1) / n.sum()).tolist(), "balanced_share": 1 / len(n),
-            "kept_without": without}
+            "kept_without": without, "mean_l2": n.mean(1).tolist()}
 
 
 def main(argv=None) -> int:
@@ -53,16 +53,21 @@ def main(argv=None) -> int:
     if "norm_l2" not in s.meta:
         p.error(f"{a.scores} holds no per-norm statistics (re-run `importance`)")
     r = hidden_votes(s.meta["norm_l2"], a.keep)
+    order = sorted(range(len(r["pull"])), key=lambda i: -abs(r["pull"][i]))
+    top, means = order[0], r["mean_l2"]
     print(f"{len(r['only_balanced'])} of {a.keep} kept channels differ; balanced preference "
-          f"{sum(r['pull']):.4f} in all")
-    print("| norm | layer | pull | raw weight | balanced weight | balanced-only kept without it |")
-    print("|---|---|---|---|---|---|")
-    order = sorted(range(len(r["pull"])), key=lambda i: -abs(r["pull"][i]))[:a.top]
-    for i in order:
+          f"{sum(r['pull']):.4f} in all: norm {top} {r['pull'][top]:.4f}, the other "
+          f"{len(means) - 1} together {sum(r['pull']) - r['pull'][top]:.4f}; mean L2 of norm "
+          f"{top} {means[top]:.3f}, of the others {min(means[:top] + means[top + 1:]):.3f} to "
+          f"{max(means[:top] + means[top + 1:]):.3f}")
+    print("| norm | layer | pull | mean L2 | raw weight | balanced weight "
+          "| balanced-only kept without it |")
+    print("|---|---|---|---|---|---|---|")
+    for i in order[:a.top]:
         kind = "input" if i % 2 == 0 else "post-attention"
-        print(f"| {i} | {i // 2} ({kind}) | {r['pull'][i]:.4f} | {r['raw_share'][i]:.2%} | "
-              f"{r['balanced_share']:.2%} | {r['kept_without'][i]} of "
-              f"{len(r['only_balanced'])} |")
+        print(f"| {i} | {i // 2} ({kind}) | {r['pull'][i]:.4f} | {means[i]:.3f} "
+              f"| {r['raw_share'][i]:.2%} | {r['balanced_share']:.2%} "
+              f"| {r['kept_without'][i]} of {len(r['only_balanced'])} |")
     return 0
 
 
