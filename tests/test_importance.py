@@ -131,6 +131,67 @@ def test_layer_loss_equals_the_whole_model_with_the_layer_skipped(stories260k_hf
     assert [got["loss"]] + got["layer_loss"] == want
 
 
+def test_iterative_removal_is_the_greedy_search(stories260k_hf, sampled):
+    """`layer_removal_order`: each round removes the layer whose absence, with the earlier
+    rounds' layers gone, gives the lowest calibration loss; the losses equal, to the last bit,
+    the whole model run with only the kept layers, and the model is left as it was."""
+    from megatron_prune.data.calibration import calibration_batches, load_tokenizer
+    from megatron_prune.prune.importance_hf import layer_removal_order, mean_loss, only_layers
+    model = load_hf_model(stories260k_hf).eval()
+    batches = calibration_batches(load_tokenizer(stories260k_hf), [sampled[0]], 7, 48)
+    layers = list(model.model.layers)
+    got = layer_removal_order(model, batches, 3, 3, progress=False)
+    keep, want_order, want_loss = list(range(len(layers))), [], []
+    for _ in range(3):
+        losses = {}
+        for i in keep:
+            with only_layers(model, [j for j in keep if j != i]):
+                losses[i] = mean_loss(model, batches, 3)
+        best = min(keep, key=lambda i: (losses[i], i))
+        keep.remove(best)
+        want_order.append(best)
+        want_loss.append(losses[best])
+    assert got == {"layer_removal_order": want_order, "layer_removal_loss": want_loss}
+    assert list(model.model.layers) == layers and model.config.num_hidden_layers == len(layers)
+    assert want_loss == sorted(want_loss)  # each removal costs more
+
+
+def test_iterative_layer_method_end_to_end(stories260k_hf, sampled, tmp_path, capsys):
+    """importance --iterative-layers K records the order; prune --layer-method iterative drops
+    its first layers, auto tries it, and asking for more than K is refused with nothing written."""
+    from megatron_prune.prune.choose import layer_methods
+    from megatron_prune.prune.plan import PrunePlan
+    calib = ["--data", str(sampled[0]), "--samples", "8", "--seq-length", "64",
+             "--micro-batch-size", "3"]
+    assert main(["importance", "--hf-dir", str(stories260k_hf), "--iterative-layers", "2",
+                 "--importance", "activation", "--save", str(tmp_path / "s.pt")] + calib) == 0
+    scores = ImportanceScores.load(tmp_path / "s.pt")
+    order = scores.meta["layer_removal_order"]
+    assert len(order) == 2 and len(set(order)) == 2
+    assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "p"),
+                 "--num-layers-remain", "3", "--layer-method", "iterative",
+                 "--importance", "activation", "--scores", str(tmp_path / "s.pt")]) == 0
+    keep = PrunePlan.load(tmp_path / "p" / "prune_plan.json").keep_layers
+    assert keep == [i for i in range(5) if i not in order]
+    cfg = convert.open_source(stories260k_hf).config
+    assert "iterative" in layer_methods(cfg, PruneTarget(num_layers=3, layer_method="auto"),
+                                        scores)
+    assert "iterative" not in layer_methods(cfg, PruneTarget(num_layers=2, layer_method="auto"),
+                                            scores)
+    capsys.readouterr()
+    assert main(["prune-hf", "--hf-dir", str(stories260k_hf), "--save", str(tmp_path / "q"),
+                 "--num-layers-remain", "2", "--layer-method", "iterative",
+                 "--importance", "activation", "--scores", str(tmp_path / "s.pt")]) == 2
+    assert "--iterative-layers 3" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    for bad in (["--iterative-layers", "5"], ["--iterative-layers", "2", "--importance",
+                                              "magnitude"]):
+        assert main(["importance", "--hf-dir", str(stories260k_hf), "--save",
+                     str(tmp_path / "m.pt")] + calib + bad) == 2
+        assert "--iterative-layers" in capsys.readouterr().err
+        assert not (tmp_path / "m.pt").exists()
+
+
 def test_calibration_errors(stories260k_hf, sampled, tmp_path, capsys):
     assert main(["importance", "--hf-dir", str(stories260k_hf), "--data", str(sampled[0]),
                  "--samples", "100000", "--seq-length", "64", "--save", str(tmp_path / "x.pt")]) == 2

@@ -16,9 +16,11 @@ def _backend(a, world: int) -> str:
     if backend == "auto":
         backend = "megatron" if world > 1 else "hf"
     if a.importance in ("random", "magnitude"):
-        if a.layer_loss:
-            raise ConfigError(f"--layer-loss runs the model on calibration data; use it with "
-                              f"--importance activation or taylor, not {a.importance}")
+        for flag, on in (("--layer-loss", a.layer_loss),
+                         ("--iterative-layers", a.iterative_layers)):
+            if on:
+                raise ConfigError(f"{flag} runs the model on calibration data; use it with "
+                                  f"--importance auto, activation or taylor, not {a.importance}")
         return "none"  # data-free: no model runs
     if backend == "megatron" and a.hf_dir:
         raise ConfigError("--backend megatron runs a Megatron checkpoint (--load DIR); for "
@@ -27,6 +29,10 @@ def _backend(a, world: int) -> str:
     if backend == "hf" and world > 1:
         raise ConfigError(f"--backend hf runs in one process, but this launch has {world}; "
                           "use --backend megatron (or auto) under torchrun")
+    if backend == "megatron" and a.iterative_layers:
+        raise ConfigError("--iterative-layers runs on the hf backend only: run it in one process "
+                          "(--backend hf, with --load DIR or --hf-dir); the scores apply to any "
+                          "TP/PP checkpoint of the same model")
     if backend == "hf" and (a.tensor_model_parallel_size or a.pipeline_model_parallel_size):
         raise ConfigError("--tensor/pipeline-model-parallel-size need --backend megatron")
     return backend
@@ -52,6 +58,9 @@ def _run(a) -> int:
     if a.save and Path(a.save).exists() and not a.force:
         raise ConfigError(f"{a.save} exists; pass --force to overwrite it")
     cfg = source.config
+    if a.iterative_layers and not 0 < a.iterative_layers < cfg.num_layers:
+        raise ConfigError(f"--iterative-layers {a.iterative_layers}: the model has "
+                          f"{cfg.num_layers} layers; remove between 1 and {cfg.num_layers - 1}")
     if a.importance == "random":
         scores = random_scores(cfg, a.seed)
     elif a.importance == "magnitude":
@@ -81,7 +90,8 @@ def _run(a) -> int:
                 return 0
         else:
             scores = compute_importance(source, a.importance, batches, a.micro_batch_size,
-                                        layer_loss=a.layer_loss)
+                                        layer_loss=a.layer_loss,
+                                        iterative_layers=a.iterative_layers)
         if a.importance == "auto":
             scores.meta["calibration"] = choice_rows.to(torch.int32).clone()
         scores.meta["fit_rows"] = batches[:FIT_ROWS].to(torch.int32).clone()  # prune refits on them
@@ -128,6 +138,11 @@ def add_parsers(sub) -> None:
                    help="also measure the calibration loss with each layer skipped (the "
                         "layers before it are not rerun: about half a forward pass over the "
                         "data per layer), for prune --layer-method perplexity")
+    p.add_argument("--iterative-layers", type=int, default=0, metavar="K",
+                   help="also remove K layers one at a time, each round the one whose skipping "
+                        "(with the earlier rounds' layers gone) raises the calibration loss "
+                        "least, for prune --layer-method iterative with up to K layers dropped "
+                        "(hf backend; a round over s layers costs about s/2 forward passes)")
     p.add_argument("--samples", type=int, default=1024, help="calibration sequences")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=4)

@@ -39,7 +39,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="with --num-layers-remain: drop the layers of lowest Block Influence "
                         "(1 - cos(in, out)), the contiguous block with least angular distance, "
                         "or the layers whose skipping raises the calibration loss least "
-                        "(perplexity: needs scores from importance --layer-loss). auto "
+                        "(perplexity: needs scores from importance --layer-loss), or removed "
+                        "one at a time, each the cheapest with the earlier ones gone "
+                        "(iterative: needs importance --iterative-layers). auto "
                         "(default): with auto scores the one of lowest calibration loss, "
                         "else block-influence")
     g.add_argument("--no-norm-rescale", dest="rescale_norms", action="store_false",

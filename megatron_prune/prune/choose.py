@@ -84,12 +84,16 @@ def shrunk_axes(cfg: ModelConfig, t: PruneTarget) -> list:
 
 def layer_methods(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> list:
     """The layer methods to try: none unless layers are dropped by a method; the one named,
-    or with "auto" every one the scores allow (perplexity needs importance --layer-loss)."""
+    or with "auto" every one the scores allow (perplexity needs importance --layer-loss,
+    iterative --iterative-layers of at least the layers dropped)."""
     if t.drop_layers or t.num_layers is None or t.num_layers == cfg.num_layers:
         return []
     if t.layer_method != "auto":
         return [t.layer_method]
-    return [m for m in LAYER_METHODS if m != "perplexity" or "layer_loss" in scores.meta]
+    allowed = {"perplexity": "layer_loss" in scores.meta,
+               "iterative": len(scores.meta.get("layer_removal_order", ()))
+               >= cfg.num_layers - t.num_layers}
+    return [m for m in LAYER_METHODS if allowed.get(m, True)]
 
 
 def choose(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,

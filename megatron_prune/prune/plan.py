@@ -27,7 +27,7 @@ PRUNE_TYPES = ("balance", "global")
 # hidden channels from activation scores: each norm's L2 vector over its mean, summed (balanced),
 # or the raw L2 vectors summed (sum: ModelOpt's mcore_minitron ranking; with_hidden_aggregation)
 HIDDEN_AGGREGATIONS = ("balanced", "sum")
-LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
+LAYER_METHODS = ("block-influence", "contiguous", "perplexity", "iterative")
 # "auto": chosen by calibration loss with auto scores (prune/choose.py), else block-influence
 AUTO_LAYER_METHOD = "auto"
 
@@ -225,10 +225,26 @@ def _keep_layers(cfg: ModelConfig, t: PruneTarget, scores: ImportanceScores) -> 
             raise ConfigError("--layer-method perplexity needs the calibration loss with each "
                               "layer skipped: run `megatron-prune importance --layer-loss`")
         return _top(torch.as_tensor(loss, dtype=torch.float64), n)  # keep the costliest to skip
+    if t.layer_method == "iterative":
+        drop = set(removal_order(scores, L - n))
+        return [i for i in range(L) if i not in drop]
     if scores.layers is None:
         raise ConfigError(f"--num-layers-remain needs layer scores, which '{scores.method}' "
                           "importance does not give: use activation/taylor/random, or --drop-layers")
     return _top(scores.layers, n)
+
+
+def removal_order(scores: ImportanceScores, k: int) -> list:
+    """The first k layers of the scores' greedy removal order (importance --iterative-layers)."""
+    order = scores.meta.get("layer_removal_order")
+    if order is None:
+        raise ConfigError("--layer-method iterative needs the greedy removal order: run "
+                          f"`megatron-prune importance --iterative-layers {k}` (or more)")
+    if k > len(order):
+        raise ConfigError(f"--layer-method iterative drops {k} layers, but the scores hold the "
+                          f"removal order of {len(order)}: run importance with "
+                          f"--iterative-layers {k} (or more)")
+    return list(order[:k])
 
 
 def make_plan(cfg: ModelConfig, target: PruneTarget, scores: ImportanceScores,
