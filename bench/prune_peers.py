@@ -86,7 +86,8 @@ VARIANTS = {NO_RESCALE: ("activation", ["--no-norm-rescale"]),  # name -> (score
             ACT_SUM_NO_REFIT: ("activation", ["--no-reconstruct", "--hidden-aggregation", "sum"]),
             ACT_SUM_NO_REFIT_NO_RESCALE: ("activation", ["--no-reconstruct", "--no-norm-rescale",
                                                          "--hidden-aggregation", "sum"])}
-LAYER_METHODS = ("block-influence", "contiguous", "perplexity")
+LAYER_METHODS = ("block-influence", "contiguous", "perplexity", "iterative")
+ITERATIVE_LAYERS = 10  # the greedy removal order as far as D needs it (WD drops 6)
 CALIB_BOOK_CHARS = (20_000, 22_000)  # one ~450-token excerpt of each training book
 
 
@@ -148,14 +149,15 @@ def target_flags(target: dict) -> list:
 
 def our_scores(out: Path, data: dict, method: str, layer_loss: bool = False) -> tuple:
     """`importance` once per data-driven method (and once more with --layer-loss, which
-    costs about half a forward pass per layer, for --layer-method perplexity)."""
+    costs about half a forward pass per layer, for --layer-method perplexity, and with
+    --iterative-layers, about ITERATIVE_LAYERS times that, for --layer-method iterative)."""
     path = out / "scores" / f"{method}{'-layer-loss' if layer_loss else ''}.pt"
     stats_file = path.with_suffix(".json")
     if method == "activation" and layer_loss:
         return _activation_of_auto(out, data, path)
     if not path.is_file():
         path.parent.mkdir(exist_ok=True)
-        extra = ["--layer-loss"] if layer_loss else []
+        extra = ["--layer-loss", "--iterative-layers", ITERATIVE_LAYERS] if layer_loss else []
         stats = timed(CLI + ["importance", "--hf-dir", data["teacher"], "--data", data["calib"],
                              "--importance", method, "--samples", 16, "--seq-length", 256,
                              "--save", path, "--force", *extra], path.with_suffix(".log"))
@@ -187,8 +189,8 @@ def run_ours(out: Path, data: dict, tname: str, method: str, layer_method: str) 
     if "num_layers" in target:
         flags += ["--layer-method", layer_method]
     if method in ("activation", "taylor", DEFAULT):
-        scores, score_stats = our_scores(out, data, method,
-                                         layer_method == "perplexity" or method == DEFAULT)
+        scores, score_stats = our_scores(out, data, method, method == DEFAULT
+                                         or layer_method in ("perplexity", "iterative"))
         flags += ["--scores", scores]
     else:  # data-free: magnitude (width only) and random (random layers too)
         score_stats = {"wall_s": 0.0, "peak_rss_mb": 0}
