@@ -190,6 +190,10 @@ def test_iterative_layer_method_end_to_end(stories260k_hf, sampled, tmp_path, ca
                      str(tmp_path / "m.pt")] + calib + bad) == 2
         assert "--iterative-layers" in capsys.readouterr().err
         assert not (tmp_path / "m.pt").exists()
+    assert main(["importance", "--load", str(tmp_path / "meg"), "--backend", "megatron",
+                 "--iterative-layers", "2", "--save", str(tmp_path / "m.pt")] + calib) == 2
+    assert "--iterative-layers runs on the hf backend only" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_calibration_errors(stories260k_hf, sampled, tmp_path, capsys):
