@@ -136,7 +136,8 @@ def test_iterative_removal_is_the_greedy_search(stories260k_hf, sampled):
     rounds' layers gone, gives the lowest calibration loss; the losses equal, to the last bit,
     the whole model run with only the kept layers, and the model is left as it was."""
     from megatron_prune.data.calibration import calibration_batches, load_tokenizer
-    from megatron_prune.prune.importance_hf import layer_removal_order, mean_loss, only_layers
+    from megatron_prune.prune.importance_hf import (layer_losses, layer_removal_order, mean_loss,
+                                                    only_layers)
     model = load_hf_model(stories260k_hf).eval()
     batches = calibration_batches(load_tokenizer(stories260k_hf), [sampled[0]], 7, 48)
     layers = list(model.model.layers)
@@ -153,6 +154,8 @@ def test_iterative_removal_is_the_greedy_search(stories260k_hf, sampled):
         want_loss.append(losses[best])
     assert got == {"layer_removal_order": want_order, "layer_removal_loss": want_loss}
     assert list(model.model.layers) == layers and model.config.num_hidden_layers == len(layers)
+    first = layer_losses(model, batches, 3, progress=False)["layer_loss"]  # --layer-loss's pass
+    assert layer_removal_order(model, batches, 3, 3, progress=False, first=first) == got
     assert want_loss == sorted(want_loss)  # each removal costs more
 
 

@@ -272,23 +272,27 @@ def layer_losses(model, batches: torch.Tensor, micro_batch: int = 4,
 
 
 def layer_removal_order(model, batches: torch.Tensor, count: int, micro_batch: int = 4,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, first: list = None) -> dict:
     """{"layer_removal_order": the `count` layers removed greedily, in order,
     "layer_removal_loss": the calibration loss after each removal}. Each round is `layer_losses`
     of the model without the layers removed so far; the cheapest skip goes (ties: the lower
-    index). A round over s layers costs s(s+3)/2 layer calls per micro-batch."""
+    index). A round over s layers costs s(s+3)/2 layer calls per micro-batch. `first`: the
+    whole model's `layer_losses` (its "layer_loss"), when already measured: the first round."""
     num = len(model.model.layers)
     if not 0 < count < num:
         raise ConfigError(f"--iterative-layers {count}: the model has {num} layers; remove "
                           f"between 1 and {num - 1}")
     keep, order, losses = list(range(num)), [], []
     steps = math.ceil(len(batches) / micro_batch)
-    bar = tqdm(total=steps * sum(num - r for r in range(count)), unit="layer",
+    bar = tqdm(total=steps * sum(num - r for r in range(1 if first else 0, count)), unit="layer",
                desc=f"iterative layer removal ({count} rounds)", disable=not progress)
     with bar:
-        for _ in range(count):
-            with only_layers(model, keep):
-                skipped = layer_losses(model, batches, micro_batch, bar=bar)["layer_loss"]
+        for r in range(count):
+            if r == 0 and first:
+                skipped = first
+            else:
+                with only_layers(model, keep):
+                    skipped = layer_losses(model, batches, micro_batch, bar=bar)["layer_loss"]
             j = min(range(len(keep)), key=lambda j: (skipped[j], keep[j]))
             order.append(keep.pop(j))
             losses.append(skipped[j])
@@ -371,7 +375,7 @@ def compute_importance(source, method: str, batches: torch.Tensor, micro_batch: 
         scores = fn(model, batches, source.config, micro_batch)
     if layer_loss:
         scores.meta.update(layer_losses(model.eval(), batches, micro_batch))
-    if iterative_layers:
+    if iterative_layers:  # (its first round is the layer loss, when that was measured)
         scores.meta.update(layer_removal_order(model.eval(), batches, iterative_layers,
-                                               micro_batch))
+                                               micro_batch, first=scores.meta.get("layer_loss")))
     return scores
